@@ -1,0 +1,53 @@
+"""CLIP branch ("clip"): the model's own Qwen2-VL ViT re-encodes the image (tokens ``<|clip_...|>``).
+
+The ViT merger already outputs the LLM hidden size, so the projector only re-weights:
+without a control state the features pass through unchanged.
+"""
+
+from ..vocabulary import BranchTokens
+from . import register_branch
+from .base import ControlProjector, VisionBranch, VPTInputError
+
+
+class ClipProjector(ControlProjector):
+    def project_features(self, features):
+        return list(features)  # one (tokens_i, hidden) tensor per image, already in hidden size
+
+
+@register_branch
+class ClipBranch(VisionBranch):
+    name = "clip"
+    tokens = BranchTokens("clip")
+    pixel_key = "clip_pixel_values"
+    dataset_column = "clip_images"
+    has_encoder = False
+
+    def extra_inputs(self):
+        return ("clip_images_grid_thw",)
+
+    def default_encoder_config(self):
+        return None
+
+    def encoder_config(self, vpt_config):
+        return vpt_config.vision_config
+
+    def build_encoder(self, vpt_config):
+        return None
+
+    def build_projector(self, vpt_config):
+        return ClipProjector(vpt_config.text_config.hidden_size, vpt_config.projector_scale)
+
+    def encode(self, model, inputs):
+        grid_thw = inputs.get("clip_images_grid_thw")
+        if grid_thw is None:
+            raise VPTInputError("clip_pixel_values given without clip_images_grid_thw")
+        return model.model.get_image_features(inputs[self.pixel_key], grid_thw).pooler_output
+
+    def preprocess(self, images, processor):
+        # The base model's own image processor, with its pixel bounds.
+        out = processor.image_processor(images=images, return_tensors="pt")
+        return {self.pixel_key: out.pixel_values, "clip_images_grid_thw": out.image_grid_thw}
+
+    def feature_tokens(self, vpt_config, model_inputs):
+        merge = vpt_config.vision_config.spatial_merge_size
+        return (model_inputs["clip_images_grid_thw"].prod(-1) // merge**2).tolist()

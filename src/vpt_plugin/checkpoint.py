@@ -1,0 +1,140 @@
+"""``vpt init``: a trainable VPT checkpoint from a base Qwen2-VL and branch encoder checkpoints."""
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor
+from transformers.utils import logging as transformers_logging
+
+from .branches import get_branch
+from .configuration_vpt import VPTQwen2VLConfig
+from .modeling_vpt import VPTQwen2VLForConditionalGeneration
+from .vocabulary import TURN_END, TURN_START, new_tokens
+
+
+def add_vpt_tokens(tokenizer, branch_names: list[str]) -> list[int]:
+    """Add the region tokens and the branches' tokens; return the ids of the tokens that were new."""
+    ordinary, special = new_tokens([get_branch(name).tokens.prefix for name in branch_names])
+    before = set(tokenizer.get_vocab())
+    tokenizer.add_tokens(ordinary)
+    tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+    return [tokenizer.convert_tokens_to_ids(t) for t in ordinary + special if t not in before]
+
+
+def vpt_token_ids(tokenizer, branch_names: list[str]) -> dict[str, int]:
+    """Config fields -> ids for the branches' tokens and the turn delimiters."""
+    ids = {"para_start_id": tokenizer.convert_tokens_to_ids(TURN_START), "para_end_id": tokenizer.convert_tokens_to_ids(TURN_END)}
+    vocab = tokenizer.get_vocab()
+    for name in branch_names:
+        for key, token in get_branch(name).tokens.config_id_keys.items():
+            ids[key] = vocab.get(token)
+    return ids
+
+
+@torch.no_grad()
+def init_new_token_rows(model, new_ids: list[int], reference_rows: int) -> None:
+    """New rows = mean of the existing rows plus N(0, 1/sqrt(d)) noise (LLaMA-Factory's noise_init).
+
+    Applied to the ids of the new tokens, which may sit in rows a base reserved beyond its
+    tokenizer (Qwen2-VL pads its vocabulary), so such rows start as LLaMA-Factory's would.
+    """
+    if not new_ids:
+        return
+    index = torch.tensor(new_ids)
+    embeddings = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        embeddings.append(model.get_output_embeddings().weight)
+    for weight in embeddings:
+        mean = weight[:reference_rows].mean(dim=0, keepdim=True)
+        noise = torch.randn(len(new_ids), weight.shape[1], dtype=weight.dtype) / math.sqrt(weight.shape[1])
+        weight[index] = (mean + noise).to(weight.dtype)
+
+
+def init_vpt_checkpoint(
+    base: str,
+    output_dir: str | Path,
+    branch_names: list[str],
+    encoder_weights: dict[str, str] | None = None,
+    encoder_configs: dict | None = None,
+    num_inner_forward_run: int = 2,
+    para_mask_id: int = 1,
+    para_mask_ratio: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """Build and save a VPT checkpoint.
+
+    Args:
+        base: a Qwen2-VL hub id or local directory (model, tokenizer, processor).
+        branch_names: the branches to give the model (``dino``, ``sam``, ``clip``).
+        encoder_weights: branch name -> encoder checkpoint (hub id, directory, or for SAM an
+            official ``sam_vit_*.pth``). A branch with an encoder but no weights starts random.
+        encoder_configs: branch name -> encoder config, for random encoders or ``.pth`` files.
+    """
+    encoder_weights = encoder_weights or {}
+    encoder_configs = dict(encoder_configs or {})
+    torch.manual_seed(seed)
+
+    encoder_states = {}
+    for name in branch_names:
+        branch = get_branch(name)
+        if name in encoder_weights:
+            if not branch.has_encoder:
+                raise ValueError(f"branch {name!r} uses the model's own ViT; it takes no encoder weights")
+            encoder_configs[name], encoder_states[name] = branch.pretrained_encoder(
+                encoder_weights[name], encoder_configs.get(name)
+            )
+
+    processor = AutoProcessor.from_pretrained(base)
+    tokenizer = processor.tokenizer
+    rows_before = len(tokenizer)
+    new_ids = add_vpt_tokens(tokenizer, branch_names)
+
+    config = VPTQwen2VLConfig.from_pretrained(
+        base,
+        vision_encoder_ls=list(branch_names),
+        branch_encoder_configs={name: cfg.to_dict() for name, cfg in encoder_configs.items()},
+        num_inner_forward_run=num_inner_forward_run,
+        para_mask_id=para_mask_id,
+        para_mask_ratio=para_mask_ratio,
+        **vpt_token_ids(tokenizer, branch_names),
+    )
+    # The base has no branch modules; transformers would list each of their keys as missing.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        model = VPTQwen2VLForConditionalGeneration.from_pretrained(base, config=config)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    for name, state in encoder_states.items():
+        encoder = getattr(model, get_branch(name).encoder_attribute)
+        load_strict(encoder, state, f"{name} encoder from {encoder_weights[name]}")
+
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    init_new_token_rows(model, new_ids, reference_rows=rows_before)
+
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [
+        f"{key}: expected {tuple(own[key].shape)}, found {tuple(state_dict[key].shape)}"
+        for key in sorted(set(own) & set(state_dict))
+        if own[key].shape != state_dict[key].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            f"{what}: the checkpoint does not match the model.\n"
+            f"  missing keys: {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected keys: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}\n"
+            f"  shape mismatches: {mis_shaped[:20]}"
+        )
+    module.load_state_dict(state_dict)

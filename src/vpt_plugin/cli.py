@@ -1,0 +1,97 @@
+"""The ``vpt`` command: ``vpt init`` and ``vpt convert``."""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _encoder_config(branch_name: str, path: str | None):
+    if path is None:
+        return None
+    from .branches import get_branch
+
+    config_class = type(get_branch(branch_name).default_encoder_config())
+    return config_class.from_dict(json.loads(Path(path).read_text()))
+
+
+def _init(args) -> None:
+    from .checkpoint import init_vpt_checkpoint
+
+    branches = [name.strip() for name in args.branches.split(",") if name.strip()]
+    encoder_configs = {
+        name: config
+        for name, config in (("dino", _encoder_config("dino", args.dino_config)), ("sam", _encoder_config("sam", args.sam_config)))
+        if config is not None
+    }
+    encoder_weights = {name: path for name, path in (("dino", args.dino), ("sam", args.sam)) if path}
+    settings = dict(
+        num_inner_forward_run=args.num_inner_forward_run,
+        para_mask_id=args.para_mask_id,
+        para_mask_ratio=args.para_mask_ratio,
+        seed=args.seed,
+    )
+    if args.tiny:
+        from .tiny import build_tiny_base, tiny_encoder_configs
+
+        with tempfile.TemporaryDirectory() as base:
+            build_tiny_base(base, seed=args.seed)
+            out = init_vpt_checkpoint(
+                base, args.output, branches, encoder_weights, {**tiny_encoder_configs(), **encoder_configs}, **settings
+            )
+    else:
+        if not args.base:
+            raise SystemExit("vpt init: give --base (a Qwen2-VL hub id or directory) or --tiny")
+        out = init_vpt_checkpoint(args.base, args.output, branches, encoder_weights, encoder_configs, **settings)
+    print(f"VPT checkpoint with branches {branches} written to {out}")
+
+
+def _convert(args) -> None:
+    from .convert import convert_published_checkpoint
+
+    out = convert_published_checkpoint(
+        args.src,
+        args.dst,
+        detection_config=_encoder_config("dino", args.detection_config),
+        seg_config=_encoder_config("sam", args.seg_config),
+    )
+    print(f"converted {args.src} -> {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vpt", description="Visual Perception Token tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="make a trainable VPT checkpoint from a base Qwen2-VL")
+    init.add_argument("--base", help="base Qwen2-VL: hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) or directory")
+    init.add_argument("--tiny", action="store_true", help="build a tiny random base offline instead of --base")
+    init.add_argument("--output", required=True, help="directory to write the checkpoint to")
+    init.add_argument("--branches", default="dino,sam,clip", help="comma-separated: dino, sam, clip")
+    init.add_argument("--dino", help="DINOv2 checkpoint (e.g. facebook/dinov2-large)")
+    init.add_argument("--sam", help="SAM checkpoint: transformers (facebook/sam-vit-large) or official sam_vit_*.pth")
+    init.add_argument("--dino-config", help="Dinov2Config JSON for a random DINOv2 encoder")
+    init.add_argument("--sam-config", help="SamVisionConfig JSON for a random encoder or a .pth checkpoint")
+    init.add_argument("--num-inner-forward-run", type=int, default=2, choices=(1, 2))
+    init.add_argument("--para-mask-id", type=int, default=1, choices=(0, 1, 2))
+    init.add_argument("--para-mask-ratio", type=float, default=0.5)
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(run=_init)
+
+    convert = commands.add_parser("convert", help="convert a checkpoint saved by the published VPT code")
+    convert.add_argument("src", help="published checkpoint directory (config.json, pytorch_model*.bin)")
+    convert.add_argument("dst", help="directory to write the converted checkpoint to")
+    convert.add_argument("--detection-config", help="Dinov2Config JSON (default: dinov2-large)")
+    convert.add_argument("--seg-config", help="SamVisionConfig JSON (default: sam-vit-large)")
+    convert.set_defaults(run=_convert)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"vpt {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

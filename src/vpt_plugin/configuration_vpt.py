@@ -1,0 +1,104 @@
+"""Configuration of a Qwen2-VL model with Visual Perception Tokens."""
+
+from dataclasses import field
+
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen2VLConfig
+
+from .branches import BRANCHES, get_branch
+
+
+@strict
+class VPTQwen2VLConfig(Qwen2VLConfig):
+    """Qwen2-VL config plus every VPT field the released ``config.json`` files carry.
+
+    Token ids per branch (``detection_image_token_id``, ``detection_action_id``,
+    ``detection_action_start_id``, and the ``clip_*`` / ``seg_*`` twins) are named by the
+    branch's token prefix (see :class:`vpt_plugin.vocabulary.BranchTokens`) and kept as
+    plain attributes, so a new branch needs no new field here.
+
+    Args:
+        num_inner_forward_run: 1 (alignment: one pass, projectors without control) or
+            2 (VPT: pass 1 reads control states, pass 2 uses them).
+        para_mask_id: 0 off; 1 zero the first user turn in pass 2; 2 also the branch turn.
+        para_mask_ratio: probability, per batch, that para masking applies.
+        projector_scale: control states concatenated per condition (1 in all released models).
+        alignment: carried from the released configs; the forward pass does not read it.
+        vision_encoder_ls: the branches this model has (``dino``, ``sam``, ``clip``).
+        branch_encoder_configs: branch name -> its encoder's transformers config (as a dict),
+            so a saved model rebuilds with no hub. Missing: the published encoder's shape.
+        para_start_id / para_end_id: ``<|im_start|>`` / ``<|im_end|>``, which delimit turns.
+        reference_compat: reproduce the published forward exactly where this project deviates
+            on purpose (docs/DEVIATIONS.md): input embeddings and every vision encoder run
+            under ``no_grad``, and missing ``position_ids`` become 1-D positions rather than M-RoPE.
+    """
+
+    model_type = "qwen2_vl_vpt"
+
+    num_inner_forward_run: int = 1
+    projector_scale: int = 1
+    para_mask_id: int = 0
+    para_mask_ratio: float | int = 1.0
+    alignment: bool = False
+    vision_encoder_ls: list | str = field(default_factory=list)
+    branch_encoder_configs: dict = field(default_factory=dict)
+    para_start_id: int | None = None
+    para_end_id: int | None = None
+    reference_compat: bool = False
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.vision_encoder_ls, str):  # "dino,sam" as LLaMA-Factory arguments give it
+            self.vision_encoder_ls = [name.strip() for name in self.vision_encoder_ls.split(",") if name.strip()]
+        for name in self.vision_encoder_ls:
+            get_branch(name)  # unknown branch names fail here, with the known ones listed
+        for name, encoder_config in list(self.branch_encoder_configs.items()):
+            if not isinstance(encoder_config, dict):
+                self.branch_encoder_configs[name] = encoder_config.to_dict()
+        # Every branch's token-id fields exist (None when the tokenizer lacks the tokens), as released.
+        for branch in BRANCHES.values():
+            for key in branch.tokens.config_id_keys:
+                kwargs.setdefault(key, None)
+        super().__post_init__(**kwargs)
+
+    # Not named validate_*: huggingface_hub's strict dataclasses would run it at construction,
+    # and the released alignment configs legitimately lack action ids until tokens are added.
+    def check_forward_settings(self) -> None:
+        """Raise a clear error for a VPT setting the forward pass cannot run with."""
+        from .branches import VPTInputError
+
+        if self.num_inner_forward_run not in (1, 2):
+            raise VPTInputError(f"num_inner_forward_run must be 1 or 2, got {self.num_inner_forward_run}")
+        if self.para_mask_id not in (0, 1, 2):
+            raise VPTInputError(f"para_mask_id must be 0, 1 or 2, got {self.para_mask_id}")
+        if not 0 <= self.para_mask_ratio <= 1:
+            raise VPTInputError(f"para_mask_ratio must be within 0..1, got {self.para_mask_ratio}")
+        if self.para_mask_id and (self.para_start_id is None or self.para_end_id is None):
+            raise VPTInputError("para masking needs para_start_id and para_end_id (<|im_start|>, <|im_end|>)")
+        for name in self.vision_encoder_ls:
+            tokens = get_branch(name).tokens
+            needed = [tokens.image_token_id_key]
+            if self.num_inner_forward_run == 2:
+                needed += [tokens.action_id_key, tokens.action_start_id_key]
+            missing = [key for key in needed if getattr(self, key, None) is None]
+            if missing:
+                wanted = [tokens.config_id_keys[key] for key in missing]
+                raise VPTInputError(
+                    f"branch {name!r} is in vision_encoder_ls but the config lacks {missing}; "
+                    f"the tokenizer must contain {wanted} and the ids be set in the config"
+                )
+
+    def branch_ids(self, name: str) -> dict[str, int | None]:
+        """Token ids of one branch: ``image``, ``action``, ``action_start``."""
+        tokens = get_branch(name).tokens
+        return {
+            "image": getattr(self, tokens.image_token_id_key, None),
+            "action": getattr(self, tokens.action_id_key, None),
+            "action_start": getattr(self, tokens.action_start_id_key, None),
+        }
+
+
+@strict
+class VRTQwen2VLConfig(VPTQwen2VLConfig):
+    """The released CLIP model's ``model_type`` (``vrt_qwen2_vl``): same config, other name."""
+
+    model_type = "vrt_qwen2_vl"

@@ -1,0 +1,81 @@
+"""Turn a VPT conversation (released data format) into model inputs, without LLaMA-Factory.
+
+Placeholders expand as the published data pipeline expands them: ``<image>`` and each
+branch placeholder become ``<|vision_start|>`` + one pad token per feature token +
+``<|vision_end|>``. Only assistant turns carry labels.
+"""
+
+import torch
+
+from .branches import BRANCHES, VPTInputError
+from .vocabulary import IMAGE_PLACEHOLDER, TURN_END, TURN_START
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: list[int], where: str) -> tuple[str, int]:
+    """Replace each ``placeholder`` in ``text`` by its pad tokens; returns the text and images used."""
+    used = 0
+    while placeholder in text:
+        if used >= len(counts):
+            raise VPTInputError(f"{where}: more {placeholder} placeholders than images ({len(counts)})")
+        text = text.replace(placeholder, "<|vision_start|>" + pad_token * counts[used] + "<|vision_end|>", 1)
+        used += 1
+    return text, used
+
+
+def encode_conversation(processor, config, messages: list[dict], images=None, branch_images=None, where="example"):
+    """One conversation -> ``input_ids``, ``labels`` and the visual inputs of its images.
+
+    ``branch_images`` maps a branch name to its PIL images (``clip_images`` etc. in the data).
+    """
+    tokenizer = processor.tokenizer
+    placements = []  # (placeholder, pad token, counts)
+    visual_inputs = {}
+    if images:
+        out = processor.image_processor(images=images, return_tensors="pt")
+        merge = config.vision_config.spatial_merge_size
+        visual_inputs.update(pixel_values=out.pixel_values, image_grid_thw=out.image_grid_thw)
+        placements.append((IMAGE_PLACEHOLDER, "<|image_pad|>", (out.image_grid_thw.prod(-1) // merge**2).tolist()))
+    for name, branch_list in (branch_images or {}).items():
+        if not branch_list:
+            continue
+        branch = BRANCHES[name]
+        inputs = branch.preprocess(branch_list, processor)
+        visual_inputs.update(inputs)
+        placements.append((branch.tokens.placeholder, branch.tokens.image_pad, branch.feature_tokens(config, inputs)))
+
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+    input_ids, labels = [], []
+    used = {placeholder: 0 for placeholder, _, _ in placements}
+    for turn, message in enumerate(messages):
+        content = message["content"]
+        for placeholder, pad, counts in placements:
+            content, n = expand_placeholders(content, placeholder, pad, counts[used[placeholder]:], f"{where}, turn {turn}")
+            used[placeholder] += n
+        head = tokenizer.encode(f"{TURN_START}{message['role']}\n", add_special_tokens=False)
+        body = tokenizer.encode(f"{content}{TURN_END}", add_special_tokens=False)
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        input_ids += head + body + newline
+        target = body if message["role"] == "assistant" else [IGNORE_INDEX] * len(body)
+        labels += [IGNORE_INDEX] * len(head) + target + [IGNORE_INDEX] * len(newline)
+    for placeholder, _, counts in placements:
+        if used[placeholder] != len(counts):
+            raise VPTInputError(f"{where}: {len(counts)} images for {placeholder} but {used[placeholder]} placeholders")
+    return {"input_ids": input_ids, "labels": labels, **visual_inputs}
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad token sequences and concatenate each visual input across examples."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {
+        "input_ids": torch.tensor([e["input_ids"] + [pad_token_id] * (length - len(e["input_ids"])) for e in examples]),
+        "labels": torch.tensor([e["labels"] + [IGNORE_INDEX] * (length - len(e["labels"])) for e in examples]),
+        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in examples]),
+    }
+    visual_keys = {key for e in examples for key in e if key not in batch}
+    for key in sorted(visual_keys):
+        batch[key] = torch.cat([e[key] for e in examples if key in e])
+    return batch

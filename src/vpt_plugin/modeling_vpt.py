@@ -1,0 +1,301 @@
+"""Qwen2-VL with Visual Perception Tokens: the straightforward two-pass model (method.md section 3).
+
+This is the faithful implementation; faster ones must match it. Pass 1 runs the LLM with
+branch features projected without control; the hidden state at each
+``<|B_action_start|>`` becomes the control state; pass 2 runs again with that state as
+the input embedding of ``<|B_action|>`` and as the projector's condition.
+"""
+
+import copy
+from contextlib import nullcontext
+
+import torch
+from transformers import Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
+
+from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
+from .configuration_vpt import VPTQwen2VLConfig, VRTQwen2VLConfig
+
+IGNORE_INDEX = -100
+
+
+class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen2-VL whose vision branches (``config.vision_encoder_ls``) re-encode on request.
+
+    Branch modules keep the published attribute names (``detection_model``,
+    ``detection_projector``, ``seg_model``, ``seg_projector``, ``clip_projector``), so the
+    published recipes' module lists and checkpoints address them unchanged.
+    """
+
+    config_class = VPTQwen2VLConfig
+
+    def __init__(self, config: VPTQwen2VLConfig):
+        super().__init__(config)
+        for name in config.vision_encoder_ls:
+            branch = get_branch(name)
+            if branch.has_encoder:
+                self.add_module(branch.encoder_attribute, branch.build_encoder(config))
+            self.add_module(branch.projector_attribute, branch.build_projector(config))
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, ControlProjector):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+    def branch_projector(self, name: str) -> ControlProjector:
+        return getattr(self, get_branch(name).projector_attribute)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        rope_deltas: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Qwen2VLCausalLMOutputWithPast:
+        r"""The Qwen2-VL arguments, plus each branch's images under the reference's names:
+        ``detection_images`` (DINOv2), ``seg_images`` (SAM), ``clip_pixel_values`` with
+        ``clip_images_grid_thw`` (the model's own ViT). Branch features are placed on the
+        branch's ``<|B_image_pad|>`` tokens in image order.
+        """
+        config = self.config
+        config.check_forward_settings()
+        if input_ids is None:
+            raise VPTInputError("the VPT forward pass needs input_ids to find its tokens")
+        branch_inputs = self._pop_branch_inputs(kwargs)
+
+        # The reference computes embeddings and every vision encoder without gradients.
+        encoders_context = torch.no_grad() if config.reference_compat else nullcontext()
+        with encoders_context:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = self._place_base_visuals(
+                input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+            features = {name: get_branch(name).encode(self, inputs) for name, inputs in branch_inputs.items()}
+
+        if position_ids is None and not config.reference_compat:
+            # Otherwise (reference) the language model falls back to 1-D positions, as the published code trains.
+            if mm_token_type_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
+                mm_token_type_ids = self._mm_token_type_ids(input_ids)
+            position_ids = self.model.compute_3d_position_ids(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                mm_token_type_ids=mm_token_type_ids,
+            )
+
+        # Features in the LLM hidden size, one tensor per image; pass 2 re-weights these same values.
+        projected = {name: self.branch_projector(name).project_features(f) for name, f in features.items()}
+        pad_masks = {name: self._branch_pad_mask(name, input_ids, projected[name]) for name in projected}
+        language_model_inputs = dict(position_ids=position_ids, attention_mask=attention_mask)
+
+        if config.num_inner_forward_run == 1:
+            for name, per_image in projected.items():
+                inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(per_image))
+        else:
+            action_masks = self._action_masks(input_ids)
+            first_pass_embeds = inputs_embeds
+            for name, per_image in projected.items():
+                first_pass_embeds = self._scatter(first_pass_embeds, pad_masks[name], torch.cat(per_image))
+            first_pass_cache = copy.deepcopy(past_key_values) if past_key_values is not None else None
+            first_pass_states = self.model.language_model(
+                inputs_embeds=first_pass_embeds,
+                past_key_values=first_pass_cache,
+                use_cache=False,
+                **language_model_inputs,
+            ).last_hidden_state
+
+            # The control state of an action token is the pass-1 state just before it (its action_start).
+            controls = {}
+            for name, mask in action_masks.items():
+                rows, cols = mask.nonzero(as_tuple=True)
+                controls[name] = first_pass_states[rows, cols - 1]
+
+            for name, per_image in projected.items():
+                self._check_images_have_actions(name, pad_masks[name], per_image, action_masks)
+                reweighted = self.branch_projector(name).reweight(per_image, controls[name])
+                inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(reweighted))
+            inputs_embeds = self._apply_para_mask(input_ids, inputs_embeds, projected, action_masks)
+            for name, mask in action_masks.items():
+                inputs_embeds = self._scatter(inputs_embeds, mask, controls[name])
+
+        outputs = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **language_model_inputs,
+            **kwargs,
+        )
+
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            # The model never has to predict <|B_action|>: generation writes it after action_start.
+            for mask in self._action_masks(input_ids, check=False).values():
+                labels = labels.masked_fill(mask, IGNORE_INDEX)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return Qwen2VLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            rope_deltas=self.model.rope_deltas,
+        )
+
+    # ----------------------------------------------------------------- inputs
+
+    def _pop_branch_inputs(self, kwargs: dict) -> dict[str, dict]:
+        """Branch name -> its model inputs, for the branches given images in this call."""
+        branch_inputs = {}
+        for name, branch in BRANCHES.items():
+            keys = (branch.pixel_key, *branch.extra_inputs())
+            inputs = {key: kwargs.pop(key, None) for key in keys}
+            if inputs[branch.pixel_key] is None:
+                continue
+            if name not in self.config.vision_encoder_ls:
+                raise VPTInputError(
+                    f"{branch.pixel_key} given, but this model has no {name!r} branch "
+                    f"(vision_encoder_ls={self.config.vision_encoder_ls})"
+                )
+            branch_inputs[name] = inputs
+        return branch_inputs
+
+    def _place_base_visuals(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, videos, video_grid_thw):
+        """The base model's own images and videos on their pad tokens, as Qwen2-VL places them."""
+        if pixel_values is not None:
+            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+            image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+        if videos is not None:
+            video_embeds = torch.cat(self.model.get_video_features(videos, video_grid_thw).pooler_output)
+            video_embeds = video_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            _, video_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, video_features=video_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
+        return inputs_embeds
+
+    def _mm_token_type_ids(self, input_ids):
+        """Text 0, image 1, video 2: what the processor returns, for callers that pass none."""
+        types = (input_ids == self.config.image_token_id).int()
+        return types + 2 * (input_ids == self.config.video_token_id).int()
+
+    # ----------------------------------------------------------------- tokens
+
+    def _branch_pad_mask(self, name, input_ids, per_image):
+        mask = input_ids == self.config.branch_ids(name)["image"]
+        expected = sum(f.shape[0] for f in per_image)
+        if int(mask.sum()) != expected:
+            pad = get_branch(name).tokens.image_pad
+            raise VPTInputError(
+                f"branch {name!r}: the batch has {int(mask.sum())} {pad} tokens (per row "
+                f"{mask.sum(dim=1).tolist()}) but its {len(per_image)} image(s) give {expected} feature tokens"
+            )
+        return mask
+
+    def _action_masks(self, input_ids, check: bool = True) -> dict[str, torch.Tensor]:
+        """Branch name -> mask of its ``<|B_action|>`` tokens, for every branch whose ids are set."""
+        masks = {}
+        for name in BRANCHES:
+            ids = self.config.branch_ids(name)
+            if ids["action"] is None:
+                continue
+            mask = input_ids == ids["action"]
+            if not mask.any():
+                continue
+            if check:
+                rows, cols = mask.nonzero(as_tuple=True)
+                tokens = get_branch(name).tokens
+                for row, col in zip(rows.tolist(), cols.tolist()):
+                    if col == 0 or input_ids[row, col - 1] != ids["action_start"]:
+                        raise VPTInputError(
+                            f"row {row}, position {col}: {tokens.action} must follow {tokens.action_start}"
+                        )
+            masks[name] = mask
+        return masks
+
+    def _check_images_have_actions(self, name, pad_mask, per_image, action_masks):
+        """Each row's branch images need as many action tokens (one control state per image)."""
+        tokens = get_branch(name).tokens
+        sizes = iter(f.shape[0] for f in per_image)
+        action_mask = action_masks.get(name, torch.zeros_like(pad_mask))
+        for row, pads in enumerate(pad_mask.sum(dim=1).tolist()):
+            images = 0
+            while pads > 0:
+                pads -= next(sizes)
+                images += 1
+            if pads < 0:
+                raise VPTInputError(f"row {row}: its {tokens.image_pad} tokens end inside an image's features")
+            actions = int(action_mask[row].sum())
+            if actions != images * self.config.projector_scale:
+                raise VPTInputError(
+                    f"row {row}: {images} {tokens.placeholder} image(s) but {actions} {tokens.action} token(s); "
+                    "with num_inner_forward_run=2 each branch image needs its action token"
+                )
+
+    def _apply_para_mask(self, input_ids, inputs_embeds, projected, action_masks):
+        """Zero the first user turn (and the branch turn for para_mask_id 2) of rows that re-encode.
+
+        One draw per masked turn and batch, with probability ``para_mask_ratio``, as published.
+        """
+        if self.config.para_mask_id == 0:
+            return inputs_embeds
+        rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for name in projected:
+            if name in action_masks:
+                rows |= action_masks[name].any(dim=1)
+        if not rows.any():
+            return inputs_embeds
+        turns = (1,) if self.config.para_mask_id == 1 else (1, 3)
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for turn in turns:
+            if torch.rand(1).item() < self.config.para_mask_ratio:
+                mask |= self._turn_interior(input_ids, rows, turn)
+        return inputs_embeds.masked_fill(mask.unsqueeze(-1), 0)
+
+    def _turn_interior(self, input_ids, rows, turn):
+        """Positions strictly between the ``turn``-th ``<|im_start|>`` and ``<|im_end|>`` (0-based) of ``rows``."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        for row in rows.nonzero().flatten().tolist():
+            starts = (input_ids[row] == self.config.para_start_id).nonzero().flatten()
+            ends = (input_ids[row] == self.config.para_end_id).nonzero().flatten()
+            if len(starts) <= turn or len(ends) <= turn:
+                raise VPTInputError(
+                    f"row {row}: para mask needs turn {turn} (0-based) but the row has {len(starts)} "
+                    f"<|im_start|> and {len(ends)} <|im_end|> tokens"
+                )
+            mask[row] = (positions > starts[turn]) & (positions < ends[turn])
+        return mask
+
+    @staticmethod
+    def _scatter(inputs_embeds, mask, values):
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), values.to(inputs_embeds.dtype))
+
+
+class VRTQwen2VLForConditionalGeneration(VPTQwen2VLForConditionalGeneration):
+    """The released CLIP model's class name (``model_type`` ``vrt_qwen2_vl``); same model."""
+
+    config_class = VRTQwen2VLConfig
