@@ -4,13 +4,17 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor
+from transformers import AutoConfig, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
 from .branches import get_branch
 from .configuration_vpt import VPTQwen2VLConfig
 from .modeling_vpt import VPTQwen2VLForConditionalGeneration
 from .vocabulary import TURN_END, TURN_START, new_tokens
+
+
+# Bookkeeping keys of a saved config.json, not constructor arguments.
+NOT_CONFIG_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map")
 
 
 def add_vpt_tokens(tokenizer, branch_names: list[str]) -> list[int]:
@@ -90,8 +94,12 @@ def init_vpt_checkpoint(
     rows_before = len(tokenizer)
     new_ids = add_vpt_tokens(tokenizer, branch_names)
 
-    config = VPTQwen2VLConfig.from_pretrained(
-        base,
+    base_config = AutoConfig.from_pretrained(base)
+    if base_config.model_type != "qwen2_vl":
+        raise ValueError(f"base {base}: model_type {base_config.model_type!r}, expected a Qwen2-VL ('qwen2_vl')")
+    base_fields = {k: v for k, v in base_config.to_dict().items() if k not in NOT_CONFIG_FIELDS}
+    config = VPTQwen2VLConfig(
+        **base_fields,
         vision_encoder_ls=list(branch_names),
         branch_encoder_configs={name: cfg.to_dict() for name, cfg in encoder_configs.items()},
         num_inner_forward_run=num_inner_forward_run,
@@ -99,13 +107,23 @@ def init_vpt_checkpoint(
         para_mask_ratio=para_mask_ratio,
         **vpt_token_ids(tokenizer, branch_names),
     )
-    # The base has no branch modules; transformers would list each of their keys as missing.
+    # The base has no branch modules, so transformers would list each of their keys as missing;
+    # every other key must match, which output_loading_info lets us check ourselves.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        model = VPTQwen2VLForConditionalGeneration.from_pretrained(base, config=config)
+        model, loading = VPTQwen2VLForConditionalGeneration.from_pretrained(
+            base, config=config, output_loading_info=True
+        )
     finally:
         transformers_logging.set_verbosity(verbosity)
+    branch_prefixes = tuple(f"{attribute}." for attribute in branch_attributes(branch_names))
+    unmatched = [key for key in loading["missing_keys"] if not key.startswith(branch_prefixes)]
+    if unmatched or loading["unexpected_keys"] or loading["mismatched_keys"]:
+        raise ValueError(
+            f"base {base}: not a Qwen2-VL checkpoint this model can start from: missing {sorted(unmatched)[:20]}, "
+            f"unexpected {sorted(loading['unexpected_keys'])[:20]}, mis-shaped {list(loading['mismatched_keys'])[:20]}"
+        )
     for name, state in encoder_states.items():
         encoder = getattr(model, get_branch(name).encoder_attribute)
         load_strict(encoder, state, f"{name} encoder from {encoder_weights[name]}")
@@ -118,6 +136,27 @@ def init_vpt_checkpoint(
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir
+
+
+def branch_attributes(branch_names: list[str]) -> list[str]:
+    """Model attributes (encoders and projectors) of the given branches."""
+    attributes = []
+    for name in branch_names:
+        branch = get_branch(name)
+        attributes += [branch.encoder_attribute] if branch.has_encoder else []
+        attributes.append(branch.projector_attribute)
+    return attributes
+
+
+def check_token_ids(config, tokenizer) -> None:
+    """Each VPT token id in the config must be that token's id in the tokenizer."""
+    vocab = tokenizer.get_vocab()
+    for name in config.vision_encoder_ls:
+        for key, token in get_branch(name).tokens.config_id_keys.items():
+            config_id = getattr(config, key, None)
+            if config_id is not None and vocab.get(token) != config_id:
+                found = "absent" if token not in vocab else f"id {vocab[token]}"
+                raise ValueError(f"config {key}={config_id} but the tokenizer has {token} {found}")
 
 
 def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:

@@ -1,0 +1,100 @@
+"""``vpt convert``: a checkpoint saved by the published VPT code -> this project's format.
+
+The published code (transformers 4.45) saves ``pytorch_model*.bin`` with the old Qwen2-VL
+key layout (``model.layers.*``, ``model.embed_tokens``, ``visual.*``, ``lm_head``) beside
+its branch modules (``detection_model.*``, ``detection_projector.*``, ``seg_model.*``,
+``seg_projector.*``, ``clip_projector.*``), and a flat config without the branch encoders'
+configs (it assumed dinov2-large and sam-vit-large).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+from .branches import get_branch
+from .checkpoint import NOT_CONFIG_FIELDS, check_token_ids, load_strict
+from .configuration_vpt import VPTQwen2VLConfig
+from .modeling_vpt import VPTQwen2VLForConditionalGeneration
+
+# Published key -> ours. Branch modules keep their names.
+KEY_RENAMES = [
+    (r"^model\.", "model.language_model."),
+    (r"^visual\.", "model.visual."),
+]
+
+# Parameters the published projectors create but their forward never reads.
+UNUSED_PUBLISHED_KEYS = re.compile(r"^(clip_projector\.(linear|layernorm)_feature|seg_projector\.linear_feature)\.")
+
+
+def read_published_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint directory: ``pytorch_model*.bin`` (weights only) or ``*.safetensors``."""
+    bins = sorted(src.glob("pytorch_model*.bin"))
+    safetensors = sorted(src.glob("*.safetensors"))
+    if not bins and not safetensors:
+        raise FileNotFoundError(f"{src}: no pytorch_model*.bin or *.safetensors weights")
+    state = {}
+    for path in bins:
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    for path in safetensors:
+        state.update(load_file(path))
+    return state
+
+
+def published_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    converted = {}
+    for key, value in state.items():
+        if UNUSED_PUBLISHED_KEYS.match(key):
+            continue
+        for pattern, replacement in KEY_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+def published_config(src: Path, detection_config=None, seg_config=None) -> VPTQwen2VLConfig:
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{src}: no config.json")
+    fields = json.loads(path.read_text())
+    if fields.get("model_type") not in ("qwen2_vl_vpt", "vrt_qwen2_vl"):
+        raise ValueError(f"{path}: model_type {fields.get('model_type')!r} is not a published VPT model")
+    fields = {key: value for key, value in fields.items() if key not in NOT_CONFIG_FIELDS}
+    given = {"dino": detection_config, "sam": seg_config}
+    fields["branch_encoder_configs"] = {
+        name: (given.get(name) or get_branch(name).default_encoder_config()).to_dict()
+        for name in fields.get("vision_encoder_ls", [])
+        if get_branch(name).has_encoder
+    }
+    return VPTQwen2VLConfig(**fields)
+
+
+def convert_published_checkpoint(src, dst, detection_config=None, seg_config=None) -> Path:
+    """Convert, check every key and shape, and save model (safetensors), tokenizer and processor."""
+    src, dst = Path(src), Path(dst)
+    config = published_config(src, detection_config, seg_config)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    check_token_ids(config, tokenizer)
+
+    state = published_to_ours(read_published_weights(src))
+    embed_key = "model.language_model.embed_tokens.weight"
+    if config.tie_word_embeddings and "lm_head.weight" not in state and embed_key in state:
+        state["lm_head.weight"] = state[embed_key]
+    model = VPTQwen2VLForConditionalGeneration(config)
+    load_strict(model, state, f"published checkpoint {src}")
+
+    image_processor = (
+        Qwen2VLImageProcessor.from_pretrained(src) if (src / "preprocessor_config.json").is_file() else Qwen2VLImageProcessor()
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+    model.save_pretrained(dst)
+    processor.save_pretrained(dst)
+    return dst
