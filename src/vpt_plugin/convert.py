@@ -8,6 +8,7 @@ configs (it assumed dinov2-large and sam-vit-large).
 """
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def read_published_weights(src: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{src}: no pytorch_model*.bin or *.safetensors weights")
     state = {}
     for path in bins:
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: refused by torch.load(weights_only=True), not a plain weights file: {error}") from error
     for path in safetensors:
         state.update(load_file(path))
     return state
