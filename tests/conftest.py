@@ -1,14 +1,13 @@
 """Shared fixtures: one tiny VPT checkpoint per test session, built offline from a seed."""
 
 import pytest
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vpt_plugin  # noqa: F401  (registers the Auto classes)
+from vpt_plugin.branches import get_branch
 from vpt_plugin.checkpoint import init_vpt_checkpoint
 from vpt_plugin.conversation import collate, encode_conversation
 from vpt_plugin.demo import shape_image
-from vpt_plugin.branches import get_branch
 from vpt_plugin.tiny import build_tiny_base, tiny_encoder_configs
 from vpt_plugin.vocabulary import REENCODING_PROMPT, REGION_PROMPT, region_sequence
 

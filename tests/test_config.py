@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from published_reference import flat_config
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from published_reference import flat_config
 from vpt_plugin import VPTInputError, VPTQwen2VLConfig, VRTQwen2VLConfig, VRTQwen2VLForConditionalGeneration
 from vpt_plugin.tiny import tiny_base_config, tiny_tokenizer
 
@@ -46,7 +46,7 @@ def test_config_round_trip_keeps_vpt_fields_and_encoder_configs(tiny_vpt_dir, tm
     config.para_mask_ratio = 0.25
     config.save_pretrained(tmp_path)
     again = AutoConfig.from_pretrained(tmp_path)
-    without_path = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    without_path = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}
     assert without_path(again) == without_path(config)
     assert set(again.branch_encoder_configs) == {"dino", "sam"}
 

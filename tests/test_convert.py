@@ -4,12 +4,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
-
 from conftest import batch_of, reencoding_example, region_example
 from published_reference import (
-    PublishedVPT, flat_config, published_layout, random_projector, write_published_checkpoint,
+    PublishedVPT,
+    flat_config,
+    published_layout,
+    random_projector,
+    write_published_checkpoint,
 )
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+
 from vpt_plugin.checkpoint import add_vpt_tokens
 from vpt_plugin.cli import main as vpt_main
 from vpt_plugin.tiny import tiny_encoder_configs
@@ -86,11 +90,9 @@ def test_converted_checkpoint_matches_the_published_forward(converted, passes, p
     action = config.branch_ids(branch)["action"]
     batch["labels"] = batch["labels"].masked_fill(batch["input_ids"] == action, -100)  # as the published data pipeline
 
-    for cfg in (config, reference.cfg):
-        cfg_set = (lambda k, v: setattr(cfg, k, v)) if cfg is config else cfg.__setitem__
-        cfg_set("num_inner_forward_run", passes)
-        cfg_set("para_mask_id", para_mask_id)
-        cfg_set("para_mask_ratio", 1.0)
+    config.num_inner_forward_run = reference.cfg["num_inner_forward_run"] = passes
+    config.para_mask_id = reference.cfg["para_mask_id"] = para_mask_id
+    config.para_mask_ratio = reference.cfg["para_mask_ratio"] = 1.0
     position_ids = None
     if mrope:
         mm_types = (batch["input_ids"] == config.image_token_id).int()

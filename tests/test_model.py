@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import batch_of, reencoding_example, region_example
 from transformers import AutoModelForImageTextToText
 
-from conftest import batch_of, reencoding_example, region_example
 from vpt_plugin import VPTInputError
 from vpt_plugin.branches import get_branch
 from vpt_plugin.conversation import IGNORE_INDEX

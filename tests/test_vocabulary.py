@@ -3,6 +3,7 @@ import pytest
 from vpt_plugin import vocabulary as vocab
 from vpt_plugin.branches import BRANCHES
 
+
 def test_token_strings_are_the_released_ones():
     assert vocab.region_tokens()[:3] == ["<|region_token_start|>", "<|region_token_end|>", "<|x_0|>"]
     assert vocab.region_tokens()[-1] == "<|y_7|>"

@@ -12,7 +12,6 @@ from .configuration_vpt import VPTQwen2VLConfig
 from .modeling_vpt import VPTQwen2VLForConditionalGeneration
 from .vocabulary import TURN_END, TURN_START, new_tokens
 
-
 # Bookkeeping keys of a saved config.json, not constructor arguments.
 NOT_CONFIG_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map")
 

@@ -11,7 +11,6 @@ from ..vocabulary import BranchTokens
 from . import register_branch
 from .base import ControlProjector, VisionBranch
 
-
 # segment-anything's ImageEncoderViT key -> transformers SamVisionEncoder key.
 _OFFICIAL_KEY_RENAMES = [
     (r"^patch_embed\.proj\.", "patch_embed.projection."),
