@@ -63,7 +63,11 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_WORDS = ["what", "which", "where", "is", "are", "the", "a", "an", "of", "in", "on", "at", "to", "and", "colour", "color", "shape", "digit", "square", "circle", "triangle", "red", "green", "blue", "yellow", "white", "black", "cell", "grid", "region", "image", "picture", "question", "answer", "small", "large", "left", "right", "top", "bottom", "corner", "centre", "center", "look", "again", "how", "many", "there", "you", "assistant", "system", "user", "helpful"]
+_WORDS = (
+    "what which where is are the a an of in on at to and colour color shape digit square circle triangle "
+    "red green blue yellow white black cell grid region image picture question answer small large left "
+    "right top bottom corner centre center look again how many there you assistant system user helpful"
+).split()
 
 # Pixel bounds that give 16 image tokens for a 224x224 image (56^2 .. 112^2 pixels).
 TINY_MIN_PIXELS = 56 * 56
