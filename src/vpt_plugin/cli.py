@@ -6,12 +6,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .branches import get_branch
 
-def _encoder_config(branch_name: str, path: str | None):
-    if path is None:
-        return None
-    from .branches import get_branch
 
+def _encoder_config(branch_name: str, path: str):
+    """A branch encoder's transformers config from a JSON file."""
     config_class = type(get_branch(branch_name).default_encoder_config())
     return config_class.from_dict(json.loads(Path(path).read_text()))
 
@@ -20,11 +19,10 @@ def _init(args) -> None:
     from .checkpoint import init_vpt_checkpoint
 
     branches = [name.strip() for name in args.branches.split(",") if name.strip()]
-    encoder_configs = {
-        name: config
-        for name, config in (("dino", _encoder_config("dino", args.dino_config)), ("sam", _encoder_config("sam", args.sam_config)))
-        if config is not None
-    }
+    encoder_configs = {}
+    for name, config_path in (("dino", args.dino_config), ("sam", args.sam_config)):
+        if config_path:
+            encoder_configs[name] = _encoder_config(name, config_path)
     encoder_weights = {name: path for name, path in (("dino", args.dino), ("sam", args.sam)) if path}
     settings = dict(
         num_inner_forward_run=args.num_inner_forward_run,
@@ -53,8 +51,8 @@ def _convert(args) -> None:
     out = convert_published_checkpoint(
         args.src,
         args.dst,
-        detection_config=_encoder_config("dino", args.detection_config),
-        seg_config=_encoder_config("sam", args.seg_config),
+        detection_config=_encoder_config("dino", args.detection_config) if args.detection_config else None,
+        seg_config=_encoder_config("sam", args.seg_config) if args.seg_config else None,
     )
     print(f"converted {args.src} -> {out}")
 

@@ -19,7 +19,7 @@ def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: lis
     used = 0
     while placeholder in text:
         if used >= len(counts):
-            raise VPTInputError(f"{where}: more {placeholder} placeholders than images ({len(counts)})")
+            raise VPTInputError(f"{where}: more {placeholder} placeholders than images left for them ({len(counts)})")
         text = text.replace(placeholder, "<|vision_start|>" + pad_token * counts[used] + "<|vision_end|>", 1)
         used += 1
     return text, used

@@ -103,13 +103,13 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         # Features in the LLM hidden size, one tensor per image; pass 2 re-weights these same values.
         projected = {name: self.branch_projector(name).project_features(f) for name, f in features.items()}
         pad_masks = {name: self._branch_pad_mask(name, input_ids, projected[name]) for name in projected}
-        language_model_inputs = dict(position_ids=position_ids, attention_mask=attention_mask)
+        action_masks = self._action_masks(input_ids)
+        language_model_inputs = {"position_ids": position_ids, "attention_mask": attention_mask}
 
         if config.num_inner_forward_run == 1:
             for name, per_image in projected.items():
                 inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(per_image))
         else:
-            action_masks = self._action_masks(input_ids)
             first_pass_embeds = inputs_embeds
             for name, per_image in projected.items():
                 first_pass_embeds = self._scatter(first_pass_embeds, pad_masks[name], torch.cat(per_image))
@@ -150,7 +150,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         loss = None
         if labels is not None:
             # The model never has to predict <|B_action|>: generation writes it after action_start.
-            for mask in self._action_masks(input_ids, check=False).values():
+            for mask in action_masks.values():
                 labels = labels.masked_fill(mask, IGNORE_INDEX)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
@@ -215,8 +215,11 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             )
         return mask
 
-    def _action_masks(self, input_ids, check: bool = True) -> dict[str, torch.Tensor]:
-        """Branch name -> mask of its ``<|B_action|>`` tokens, for every branch whose ids are set."""
+    def _action_masks(self, input_ids) -> dict[str, torch.Tensor]:
+        """Branch name -> mask of its ``<|B_action|>`` tokens, for every branch whose ids are set.
+
+        Each must follow its ``<|B_action_start|>``, whose pass-1 state becomes its control state.
+        """
         masks = {}
         for name in BRANCHES:
             ids = self.config.branch_ids(name)
@@ -225,14 +228,13 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             mask = input_ids == ids["action"]
             if not mask.any():
                 continue
-            if check:
-                rows, cols = mask.nonzero(as_tuple=True)
+            after_start = torch.zeros_like(mask)
+            after_start[:, 1:] = input_ids[:, :-1] == ids["action_start"]
+            stray = mask & ~after_start
+            if stray.any():
+                row, col = stray.nonzero()[0].tolist()
                 tokens = get_branch(name).tokens
-                for row, col in zip(rows.tolist(), cols.tolist()):
-                    if col == 0 or input_ids[row, col - 1] != ids["action_start"]:
-                        raise VPTInputError(
-                            f"row {row}, position {col}: {tokens.action} must follow {tokens.action_start}"
-                        )
+                raise VPTInputError(f"row {row}, position {col}: {tokens.action} must follow {tokens.action_start}")
             masks[name] = mask
         return masks
 
