@@ -56,7 +56,9 @@ def demo_examples(processor, config) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="a VPT checkpoint directory (vpt init)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the para-mask draw")
     args = parser.parse_args()
+    torch.manual_seed(args.seed)
 
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model)
