@@ -8,9 +8,9 @@ branch placeholder become ``<|vision_start|>`` + one pad token per feature token
 import torch
 
 from .branches import BRANCHES, VPTInputError
+from .modeling_vpt import IGNORE_INDEX
 from .vocabulary import IMAGE_PLACEHOLDER, TURN_END, TURN_START
 
-IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 

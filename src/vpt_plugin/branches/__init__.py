@@ -29,13 +29,6 @@ def get_branch(name: str) -> VisionBranch:
     return BRANCHES[name]
 
 
-def branch_by_prefix(prefix: str) -> VisionBranch:
-    for branch in BRANCHES.values():
-        if branch.tokens.prefix == prefix:
-            return branch
-    raise VPTInputError(f"no vision branch uses the token prefix {prefix!r}")
-
-
 _import_branch_modules()
 
-__all__ = ["BRANCHES", "ControlProjector", "VPTInputError", "VisionBranch", "branch_by_prefix", "get_branch", "register_branch"]
+__all__ = ["BRANCHES", "ControlProjector", "VPTInputError", "VisionBranch", "get_branch", "register_branch"]

@@ -25,7 +25,8 @@ class ControlProjector(nn.Module):
 
     ``c`` is the control state, layer-normed then mapped hidden -> hidden; there is no
     softmax and no scaling. Subclasses first bring raw encoder features to the LLM hidden
-    size (:meth:`project_features`). Parameter names are those of the published checkpoints.
+    size (:meth:`project_features`); the model projects once and re-weights in pass 2
+    (:meth:`reweight`). Parameter names are those of the published checkpoints.
     """
 
     def __init__(self, hidden_size: int, projector_scale: int = 1):
@@ -71,10 +72,6 @@ class ControlProjector(nn.Module):
             )
         return [f + (f @ c).unsqueeze(-1) * c for f, c in zip(per_image, conditions)]
 
-    def forward(self, features, control: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected features of all images, concatenated in image order: ``(tokens, hidden)``."""
-        return torch.cat(self.reweight(self.project_features(features), control), dim=0)
-
 
 class VisionBranch:
     """One Vision Re-Encoding branch. Subclass it in a new file under ``branches/`` and decorate
@@ -84,7 +81,6 @@ class VisionBranch:
     name: ClassVar[str]  # as in config.vision_encoder_ls and the recipes ("dino", "sam", "clip")
     tokens: ClassVar[BranchTokens]
     pixel_key: ClassVar[str]  # the model input holding this branch's images (reference names)
-    dataset_column: ClassVar[str]  # the released data's column listing this branch's images
     has_encoder: ClassVar[bool] = True  # False: the branch re-uses the model's own ViT
 
     @property

@@ -19,7 +19,6 @@ class ClipBranch(VisionBranch):
     name = "clip"
     tokens = BranchTokens("clip")
     pixel_key = "clip_pixel_values"
-    dataset_column = "clip_images"
     has_encoder = False
 
     def extra_inputs(self):

@@ -27,7 +27,6 @@ class DinoBranch(VisionBranch):
     name = "dino"
     tokens = BranchTokens("detection")
     pixel_key = "detection_images"
-    dataset_column = "detection_images"
 
     def default_encoder_config(self):
         # facebook/dinov2-large, which the published models use.

@@ -57,7 +57,6 @@ class SamBranch(VisionBranch):
     name = "sam"
     tokens = BranchTokens("seg")
     pixel_key = "seg_images"
-    dataset_column = "seg_images"
 
     def default_encoder_config(self):
         # facebook/sam-vit-large, which the published models use.
