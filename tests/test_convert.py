@@ -166,3 +166,20 @@ def test_pickled_objects_are_refused(tiny_base_dir, tmp_path):
     torch.save({"not_weights": NotWeights()}, tmp_path / "published" / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"refused by torch.load\(weights_only=True\)"):
         convert_published_checkpoint(tmp_path / "published", tmp_path / "out")
+
+
+def test_tied_embeddings_and_sharded_bin_files(tiny_base_dir, tmp_path):
+    """Qwen2-VL-2B ties lm_head to the embeddings; large checkpoints come in several .bin shards."""
+    config_json, state, _ = build_published("clip", tiny_base_dir, tmp_path / "published")
+    config_json["tie_word_embeddings"] = True
+    (tmp_path / "published" / "config.json").write_text(json.dumps(config_json))
+    (tmp_path / "published" / "pytorch_model.bin").unlink()
+    keys = sorted(state)
+    torch.save({k: state[k] for k in keys[: len(keys) // 2]}, tmp_path / "published" / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: state[k] for k in keys[len(keys) // 2 :]}, tmp_path / "published" / "pytorch_model-00002-of-00002.bin")
+    vpt_main(["convert", str(tmp_path / "published"), str(tmp_path / "converted")])
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "converted")
+    assert model.config.tie_word_embeddings
+    embeddings = model.get_input_embeddings().weight
+    torch.testing.assert_close(embeddings, state["model.embed_tokens.weight"])
+    assert model.lm_head.weight.data_ptr() == embeddings.data_ptr()

@@ -158,15 +158,14 @@ def check_token_ids(config, tokenizer) -> None:
                 raise ValueError(f"config {key}={config_id} but the tokenizer has {token} {found}")
 
 
-def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
-    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+def check_state_dict(expected: dict[str, torch.Tensor], state_dict: dict, what: str) -> None:
+    """Raise an error naming every missing, unexpected or mis-shaped key of ``state_dict``."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
     mis_shaped = [
-        f"{key}: expected {tuple(own[key].shape)}, found {tuple(state_dict[key].shape)}"
-        for key in sorted(set(own) & set(state_dict))
-        if own[key].shape != state_dict[key].shape
+        f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state_dict[key].shape)}"
+        for key in sorted(set(expected) & set(state_dict))
+        if expected[key].shape != state_dict[key].shape
     ]
     if missing or unexpected or mis_shaped:
         raise ValueError(
@@ -175,4 +174,9 @@ def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
             f"  unexpected keys: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}\n"
             f"  shape mismatches: {mis_shaped[:20]}"
         )
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected or mis-shaped key."""
+    check_state_dict(module.state_dict(), state_dict, what)
     module.load_state_dict(state_dict)

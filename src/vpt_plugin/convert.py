@@ -13,11 +13,18 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
 
 from .branches import get_branch
-from .checkpoint import NOT_CONFIG_FIELDS, check_token_ids, load_strict
+from .checkpoint import NOT_CONFIG_FIELDS, check_state_dict, check_token_ids
 from .configuration_vpt import VPTQwen2VLConfig
 from .modeling_vpt import VPTQwen2VLForConditionalGeneration
 
@@ -84,11 +91,14 @@ def convert_published_checkpoint(src, dst, detection_config=None, seg_config=Non
     check_token_ids(config, tokenizer)
 
     state = published_to_ours(read_published_weights(src))
-    embed_key = "model.language_model.embed_tokens.weight"
-    if config.tie_word_embeddings and "lm_head.weight" not in state and embed_key in state:
-        state["lm_head.weight"] = state[embed_key]
-    model = VPTQwen2VLForConditionalGeneration(config)
-    load_strict(model, state, f"published checkpoint {src}")
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers ties it to the embeddings again on load
+    # Shapes only: the model is built on the meta device, so a 7B checkpoint converts in its own memory.
+    with torch.device("meta"):
+        expected = VPTQwen2VLForConditionalGeneration(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    check_state_dict(expected, state, f"published checkpoint {src}")
 
     image_processor = (
         Qwen2VLImageProcessor.from_pretrained(src) if (src / "preprocessor_config.json").is_file() else Qwen2VLImageProcessor()
@@ -99,6 +109,10 @@ def convert_published_checkpoint(src, dst, detection_config=None, seg_config=Non
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
     )
-    model.save_pretrained(dst)
+    config.architectures = [VPTQwen2VLForConditionalGeneration.__name__]
+    config.save_pretrained(dst)
+    save_torch_state_dict(state, dst)
+    if (src / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(src).save_pretrained(dst)
     processor.save_pretrained(dst)
     return dst
