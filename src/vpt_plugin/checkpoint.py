@@ -27,8 +27,8 @@ def add_vpt_tokens(tokenizer, branch_names: list[str]) -> list[int]:
 
 def vpt_token_ids(tokenizer, branch_names: list[str]) -> dict[str, int]:
     """Config fields -> ids for the branches' tokens and the turn delimiters."""
-    ids = {"para_start_id": tokenizer.convert_tokens_to_ids(TURN_START), "para_end_id": tokenizer.convert_tokens_to_ids(TURN_END)}
     vocab = tokenizer.get_vocab()
+    ids = {"para_start_id": vocab.get(TURN_START), "para_end_id": vocab.get(TURN_END)}
     for name in branch_names:
         for key, token in get_branch(name).tokens.config_id_keys.items():
             ids[key] = vocab.get(token)
@@ -100,7 +100,7 @@ def init_vpt_checkpoint(
     config = VPTQwen2VLConfig(
         **base_fields,
         vision_encoder_ls=list(branch_names),
-        branch_encoder_configs={name: cfg.to_dict() for name, cfg in encoder_configs.items()},
+        branch_encoder_configs={n: cfg.to_dict() for n, cfg in encoder_configs.items() if n in branch_names},
         num_inner_forward_run=num_inner_forward_run,
         para_mask_id=para_mask_id,
         para_mask_ratio=para_mask_ratio,

@@ -81,7 +81,8 @@ class VisionBranch:
     name: ClassVar[str]  # as in config.vision_encoder_ls and the recipes ("dino", "sam", "clip")
     tokens: ClassVar[BranchTokens]
     pixel_key: ClassVar[str]  # the model input holding this branch's images (reference names)
-    has_encoder: ClassVar[bool] = True  # False: the branch re-uses the model's own ViT
+    # False: the branch re-uses the model's own ViT and needs none of the encoder methods below.
+    has_encoder: ClassVar[bool] = True
 
     @property
     def encoder_attribute(self) -> str:

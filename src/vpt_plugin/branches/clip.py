@@ -24,15 +24,6 @@ class ClipBranch(VisionBranch):
     def extra_inputs(self):
         return ("clip_images_grid_thw",)
 
-    def default_encoder_config(self):
-        return None
-
-    def encoder_config(self, vpt_config):
-        return vpt_config.vision_config
-
-    def build_encoder(self, vpt_config):
-        return None
-
     def build_projector(self, vpt_config):
         return ClipProjector(vpt_config.text_config.hidden_size, vpt_config.projector_scale)
 
