@@ -1,4 +1,31 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+# vpt_plugin.pth runs `import vpt_plugin_startup` when Python starts, which activates the
+# plugin on the first `import llamafactory` (see src/vpt_plugin_startup.py). A .pth file must
+# sit at the top of site-packages, which no setup() option puts it: the build copies it there.
+STARTUP_PTH = "vpt_plugin.pth"
+
+
+class BuildWithStartupHook(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(str(Path("src") / STARTUP_PTH), str(Path(self.build_lib) / STARTUP_PTH))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [str(Path(self.build_lib) / STARTUP_PTH)]
+
+
+class EditableWithStartupHook(editable_wheel):
+    # `pip install -e` builds its wheel from a staging directory that setuptools fills in
+    # _install_namespaces (a private hook, present since setuptools 64); the .pth goes there too.
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        self.copy_file(str(Path("src") / STARTUP_PTH), str(Path(installation_dir) / STARTUP_PTH))
+
 
 setup(
     name="vpt-plugin",
@@ -8,8 +35,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
+    # patches/ (upstream code we change, one module per upstream module) ships as vpt_plugin.patches.
+    package_dir={"": "src", "vpt_plugin.patches": "patches"},
+    packages=find_packages("src") + ["vpt_plugin.patches"],
+    py_modules=["vpt_plugin_startup"],
+    cmdclass={"build_py": BuildWithStartupHook, "editable_wheel": EditableWithStartupHook},
     install_requires=[
         "torch>=2.4",
         "torchvision",

@@ -1,4 +1,4 @@
-"""The ``vpt`` command: ``vpt init`` and ``vpt convert``."""
+"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt convert``."""
 
 import argparse
 import json
@@ -45,6 +45,13 @@ def _init(args) -> None:
     print(f"VPT checkpoint with branches {branches} written to {out}")
 
 
+def _tiny(args) -> None:
+    from .tiny import build_tiny_fixtures
+
+    for what, path in build_tiny_fixtures(args.output, args.seed).items():
+        print(f"tiny {what}: {path}")
+
+
 def _convert(args) -> None:
     from .convert import convert_published_checkpoint
 
@@ -75,6 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--para-mask-ratio", type=float, default=0.5)
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=_init)
+
+    tiny = commands.add_parser(
+        "tiny", help="write a tiny random Qwen2-VL and branch encoders (offline fixtures for demos and tests)"
+    )
+    tiny.add_argument("--output", required=True, help="directory to write qwen2-vl/, dinov2/ and sam/ to")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_tiny)
 
     convert = commands.add_parser("convert", help="convert a checkpoint saved by the published VPT code")
     convert.add_argument("src", help="published checkpoint directory (config.json, pytorch_model*.bin)")

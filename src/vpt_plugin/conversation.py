@@ -44,7 +44,8 @@ def encode_conversation(processor, config, messages: list[dict], images=None, br
         branch = BRANCHES[name]
         inputs = branch.preprocess(branch_list, processor)
         visual_inputs.update(inputs)
-        placements.append((branch.tokens.placeholder, branch.tokens.image_pad, branch.feature_tokens(config, inputs)))
+        counts = branch.feature_tokens(config, branch_list, processor)
+        placements.append((branch.tokens.placeholder, branch.tokens.image_pad, counts))
 
     if messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]

@@ -155,3 +155,18 @@ def build_tiny_base(output_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(output_dir)
     tiny_processor(tokenizer).save_pretrained(output_dir)
     return output_dir
+
+
+def build_tiny_fixtures(output_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny plain Qwen2-VL (``qwen2-vl``) and tiny branch encoders (``dinov2``, ``sam``) saved as
+    hub-style directories, so recipes that build a VPT model from a base run offline."""
+    from transformers import Dinov2Model, SamVisionModel
+
+    output_dir = Path(output_dir)
+    paths = {"base": build_tiny_base(output_dir / "qwen2-vl", seed)}
+    configs = tiny_encoder_configs()
+    torch.manual_seed(seed)
+    for name, model_class, folder in (("dino", Dinov2Model, "dinov2"), ("sam", SamVisionModel, "sam")):
+        paths[name] = output_dir / folder
+        model_class(configs[name]).save_pretrained(paths[name])
+    return paths

@@ -83,6 +83,13 @@ class VisionBranch:
     pixel_key: ClassVar[str]  # the model input holding this branch's images (reference names)
     # False: the branch re-uses the model's own ViT and needs none of the encoder methods below.
     has_encoder: ClassVar[bool] = True
+    # Encoder weights a new VPT model starts from unless the recipe names others (hub id).
+    pretrained_id: ClassVar[str | None] = None
+
+    @property
+    def data_column(self) -> str:
+        """Dataset column of this branch's images in the released data (e.g. ``detection_images``)."""
+        return f"{self.tokens.prefix}_images"
 
     @property
     def encoder_attribute(self) -> str:
@@ -129,6 +136,6 @@ class VisionBranch:
         """
         raise NotImplementedError
 
-    def feature_tokens(self, vpt_config, model_inputs: dict) -> list[int]:
-        """How many ``<|B_image_pad|>`` tokens each preprocessed image fills."""
+    def feature_tokens(self, vpt_config, images, processor) -> list[int]:
+        """How many ``<|B_image_pad|>`` tokens each of these PIL images fills."""
         raise NotImplementedError

@@ -38,6 +38,7 @@ class ClipBranch(VisionBranch):
         out = processor.image_processor(images=images, return_tensors="pt")
         return {self.pixel_key: out.pixel_values, "clip_images_grid_thw": out.image_grid_thw}
 
-    def feature_tokens(self, vpt_config, model_inputs):
+    def feature_tokens(self, vpt_config, images, processor):
         merge = vpt_config.vision_config.spatial_merge_size
-        return (model_inputs["clip_images_grid_thw"].prod(-1) // merge**2).tolist()
+        grid_thw = self.preprocess(images, processor)["clip_images_grid_thw"]
+        return (grid_thw.prod(-1) // merge**2).tolist()

@@ -5,9 +5,9 @@ from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
 from ..vocabulary import BranchTokens
 from . import register_branch
-
-CROP_SIZE = 224
 from .base import ControlProjector, VisionBranch
+
+CROP_SIZE = 224  # DINOv2's preprocessing centre-crops every image to this square
 
 
 class DinoProjector(ControlProjector):
@@ -27,6 +27,7 @@ class DinoBranch(VisionBranch):
     name = "dino"
     tokens = BranchTokens("detection")
     pixel_key = "detection_images"
+    pretrained_id = "facebook/dinov2-large"
 
     def default_encoder_config(self):
         # facebook/dinov2-large, which the published models use.
@@ -61,7 +62,6 @@ class DinoBranch(VisionBranch):
         )
         return {self.pixel_key: dino_processor(images=images, return_tensors="pt").pixel_values}
 
-    def feature_tokens(self, vpt_config, model_inputs):
-        patch = self.encoder_config(vpt_config).patch_size
-        side = model_inputs[self.pixel_key].shape[-1] // patch
-        return [side * side] * len(model_inputs[self.pixel_key])
+    def feature_tokens(self, vpt_config, images, processor):
+        side = CROP_SIZE // self.encoder_config(vpt_config).patch_size  # every image is cropped to 224
+        return [side * side] * len(images)

@@ -11,6 +11,8 @@ from ..vocabulary import BranchTokens
 from . import register_branch
 from .base import ControlProjector, VisionBranch
 
+INPUT_SIZE = 1024  # SamImageProcessor pads every image to this square
+
 # segment-anything's ImageEncoderViT key -> transformers SamVisionEncoder key.
 _OFFICIAL_KEY_RENAMES = [
     (r"^patch_embed\.proj\.", "patch_embed.projection."),
@@ -57,6 +59,7 @@ class SamBranch(VisionBranch):
     name = "sam"
     tokens = BranchTokens("seg")
     pixel_key = "seg_images"
+    pretrained_id = "facebook/sam-vit-large"
 
     def default_encoder_config(self):
         # facebook/sam-vit-large, which the published models use.
@@ -88,7 +91,8 @@ class SamBranch(VisionBranch):
         # SAM's own preprocessing: long side 1024, ImageNet statistics, padded to 1024x1024.
         return {self.pixel_key: SamImageProcessor()(images=images, return_tensors="pt").pixel_values}
 
-    def feature_tokens(self, vpt_config, model_inputs):
-        # The neck keeps the patch grid; the projector's 4x4 stride-4 conv divides each side by 4.
-        side = model_inputs[self.pixel_key].shape[-1] // self.encoder_config(vpt_config).patch_size // 4
-        return [side * side] * len(model_inputs[self.pixel_key])
+    def feature_tokens(self, vpt_config, images, processor):
+        # Every image is padded to 1024x1024; the neck keeps the patch grid and the projector's
+        # 4x4 stride-4 conv divides each side by 4.
+        side = INPUT_SIZE // self.encoder_config(vpt_config).patch_size // 4
+        return [side * side] * len(images)

@@ -1,0 +1,76 @@
+"""``formatting: vpt_sharegpt``: the released VPT data format in LLaMA-Factory.
+
+Sharegpt rows plus branch image columns (``detection_images``, ``seg_images``,
+``clip_images``, mapped in dataset_info.json like ``images``). Each row is checked first
+(placeholders against images, image files, crop suffixes, grid tokens); a bad row stops
+the run before training with the dataset, row index and field. The branch images are then
+merged into LLaMA-Factory's one image list, in placeholder order, which is the order the
+``vpt_qwen2_vl`` plugin reads them in.
+"""
+
+import os
+from dataclasses import dataclass
+
+from llamafactory.data.converter import SharegptDatasetConverter
+
+from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, placeholders_in, row_problems, split_crop
+
+FORMATTING = "vpt_sharegpt"
+
+
+@dataclass
+class VPTSharegptDatasetConverter(SharegptDatasetConverter):
+    def _find_medias(self, medias):
+        # Upstream joins media_dir only when the joined path is a file; a crop suffix must be
+        # split off for that test.
+        if self.dataset_attr.load_from not in ("script", "file") or not self.data_args.media_dir:
+            return super()._find_medias(medias)
+        found = super()._find_medias(medias)
+        if found is None:
+            return None
+        resolved = []
+        for media in found:
+            if isinstance(media, str) and not os.path.isfile(media):
+                file, box = split_crop(media)
+                joined = os.path.join(self.data_args.media_dir, file)
+                if box is not None and os.path.isfile(joined):
+                    media = joined + media[len(file) :]
+            resolved.append(media)
+        return resolved
+
+    def __call__(self, example, index=None):
+        where = f"dataset {self.dataset_attr.dataset_name}, row {index}"
+        columns = {column: getattr(self.dataset_attr, column, None) for column in image_columns().values()}
+        # The released files map every image column, but a file may lack some (alignment data has
+        # no `images`): a missing column is an empty one.
+        example = dict(example)
+        for key in [*columns.values(), self.dataset_attr.videos, self.dataset_attr.audios]:
+            if key:
+                example.setdefault(key, None)
+        images = {column: self._find_medias(example[key]) if key else None for column, key in columns.items()}
+        messages = example[self.dataset_attr.messages] or []
+        contents = [str(message.get(self.dataset_attr.content_tag, "")) for message in messages]
+        problems = row_problems(contents, images)
+        if problems:
+            raise VPTDataError(f"{where}: " + "; ".join(problems))
+
+        aligned = super().__call__(example)
+        queues = {column: list(images[column] or []) for column in images}
+        merged = []
+        for message in aligned["_prompt"] + aligned["_response"]:
+            for placeholder in placeholders_in(message["content"]):
+                merged.append(queues[image_columns()[placeholder]].pop(0))
+        aligned["_images"] = merged or None
+        return aligned
+
+
+def branch_columns_for(formatting: str, columns: dict, dataset_name: str) -> dict[str, str | None]:
+    """Branch image columns a dataset_info.json entry maps (read by the DatasetAttr patch)."""
+    branch_columns = {c: columns.get(c) for c in image_columns().values() if c != MAIN_IMAGES}
+    mapped = [column for column, key in branch_columns.items() if key]
+    if mapped and formatting != FORMATTING:
+        raise ValueError(
+            f"dataset_info.json, dataset {dataset_name}: columns {mapped} need `\"formatting\": \"{FORMATTING}\"` "
+            f"(found {formatting!r}); other formattings drop branch images"
+        )
+    return branch_columns

@@ -1,0 +1,129 @@
+"""LLaMA-Factory multimodal plugin of the ``vpt_qwen2_vl`` template.
+
+A row's images arrive as one list in placeholder order (the ``vpt_sharegpt`` converter
+merges the branch columns into it). Each placeholder expands, as the published data
+pipeline expands it, to ``<|vision_start|>`` + one pad token per feature token +
+``<|vision_end|>``: ``<image>`` with Qwen2-VL's ``<|image_pad|>``, a branch placeholder with
+that branch's ``<|B_image_pad|>``. In a batch, the token ids say which image is which.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from llamafactory.data.mm_plugin import Qwen2VLPlugin
+
+from ..branches import BRANCHES, get_branch
+from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, open_image, placeholders_in
+
+PLUGIN_NAME = "vpt_qwen2_vl"
+
+
+def vpt_config_of(processor):
+    """The VPT config the model loader attached to the processor (it sets the branch token counts)."""
+    config = getattr(processor, "vpt_config", None)
+    if config is None:
+        raise ValueError(
+            f"template {PLUGIN_NAME} needs a VPT model: `model_name_or_path` is a VPT checkpoint, "
+            "or a Qwen2-VL with `customize_model_class: vpt` and `vision_encoder_ls`"
+        )
+    return config
+
+
+@dataclass
+class VPTQwen2VLPlugin(Qwen2VLPlugin):
+    def _regularize_images(self, images, **kwargs):
+        # Paths may carry a crop suffix (`a.jpg_x0,y0,x1,y1`); everything else as upstream.
+        return super()._regularize_images([open_image(i) if isinstance(i, str) else i for i in images], **kwargs)
+
+    def _open_branch_images(self, images):
+        # Branch encoders resize with their own processors (DINOv2: 224 crop, SAM: 1024 long
+        # side), so only the crop and RGB conversion happen here.
+        opened = [open_image(i) if isinstance(i, str) else i for i in images]
+        return super()._regularize_images(opened, image_max_pixels=float("inf"), image_min_pixels=0)["images"]
+
+    def _clip_resolution(self, processor) -> dict:
+        # The clip branch re-encodes with the model's own ViT, at the recipe's image resolution.
+        return {
+            "image_max_pixels": getattr(processor, "image_max_pixels", 768 * 768),
+            "image_min_pixels": getattr(processor, "image_min_pixels", 32 * 32),
+        }
+
+    def _branch_images(self, name, images, processor):
+        if get_branch(name).has_encoder:
+            return self._open_branch_images(images)
+        return self._regularize_images(images, **self._clip_resolution(processor))["images"]
+
+    def _check_branches(self, kinds, config):
+        for kind in set(kinds) - {None}:
+            if kind not in config.vision_encoder_ls:
+                raise VPTDataError(
+                    f"{get_branch(kind).tokens.placeholder} in the data, but the model has no {kind!r} branch "
+                    f"(vision_encoder_ls={config.vision_encoder_ls})"
+                )
+
+    def process_messages(self, messages, images, videos, audios, processor):
+        self._validate_input(processor, images, videos, audios)
+        placeholders = [p for message in messages for p in placeholders_in(message["content"])]
+        if len(placeholders) != len(images):
+            raise VPTDataError(
+                f"{len(placeholders)} image placeholder(s) {placeholders} but {len(images)} image(s) in the row"
+            )
+        kind_of = {placeholder: _branch_of(column) for placeholder, column in image_columns().items()}
+        kinds = [kind_of[p] for p in placeholders]
+        config = vpt_config_of(processor)
+        self._check_branches(kinds, config)
+
+        # Qwen2-VL's own handling of <image> and <video> placeholders, on the base images only.
+        base_images = [image for image, kind in zip(images, kinds) if kind is None]
+        messages = super().process_messages(messages, base_images, videos, audios, processor)
+
+        counts = {}
+        for name in set(kinds) - {None}:
+            branch_images = [image for image, kind in zip(images, kinds) if kind == name]
+            counts[name] = iter(
+                get_branch(name).feature_tokens(config, self._branch_images(name, branch_images, processor), processor)
+            )
+        for message in messages:
+            content = message["content"]
+            for name, remaining in counts.items():
+                tokens = get_branch(name).tokens
+                while tokens.placeholder in content:
+                    pads = tokens.image_pad * (next(remaining) if self.expand_mm_tokens else 1)
+                    content = content.replace(
+                        tokens.placeholder, f"{self.vision_bos_token}{pads}{self.vision_eos_token}", 1
+                    )
+            message["content"] = content
+        return messages
+
+    def get_mm_inputs(self, images, videos, audios, imglens, vidlens, audlens, batch_ids, processor):
+        self._validate_input(processor, images, videos, audios)
+        config = vpt_config_of(processor)
+        kinds = self._image_kinds(batch_ids, processor, config)
+        if len(kinds) != len(images):
+            raise VPTDataError(f"the batch's token ids hold {len(kinds)} images but {len(images)} were given")
+        base_images = [image for image, kind in zip(images, kinds) if kind is None]
+        mm_inputs = self._get_mm_inputs(base_images, videos, audios, processor)
+        for name in dict.fromkeys(kind for kind in kinds if kind is not None):
+            branch_images = [image for image, kind in zip(images, kinds) if kind == name]
+            mm_inputs.update(get_branch(name).preprocess(self._branch_images(name, branch_images, processor), processor))
+        return mm_inputs
+
+    def _image_kinds(self, batch_ids, processor, config) -> list[str | None]:
+        """Each image's branch (None: a base image), read from the pad token after each vision start."""
+        tokenizer = processor.tokenizer
+        vision_start = tokenizer.convert_tokens_to_ids(self.vision_bos_token)
+        kind_of_pad = {tokenizer.convert_tokens_to_ids(self.image_token): None}
+        for name in config.vision_encoder_ls:
+            kind_of_pad[config.branch_ids(name)["image"]] = name
+        kinds = []
+        for ids in batch_ids:
+            ids = np.asarray(ids)
+            starts = np.nonzero(ids[:-1] == vision_start)[0]
+            kinds += [kind_of_pad[pad] for pad in ids[starts + 1].tolist() if pad in kind_of_pad]
+        return kinds
+
+
+def _branch_of(column: str) -> str | None:
+    if column == MAIN_IMAGES:
+        return None
+    return next(name for name, branch in BRANCHES.items() if branch.data_column == column)

@@ -1,0 +1,167 @@
+"""How LLaMA-Factory's model loader meets VPT models (called from patches/llamafactory_model_loader.py).
+
+Two ways in:
+- ``model_name_or_path`` is a VPT checkpoint (``vpt init``, ``vpt convert``, a VPT training
+  output): it loads through the Auto classes; the recipe may change the VPT knobs.
+- A plain Qwen2-VL with ``customize_model_class: vpt`` (the published recipes): the VPT
+  model is built around it in memory: the VPT tokens are added, the branch encoders load
+  their published weights (or ``vision_encoder_paths``), the projectors start fresh and the
+  new token rows start as the mean of the old rows plus noise.
+"""
+
+import logging
+
+import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from ..branches import get_branch
+from ..checkpoint import NOT_CONFIG_FIELDS, add_vpt_tokens, check_token_ids, init_new_token_rows, load_strict, vpt_token_ids
+from ..configuration_vpt import VPTQwen2VLConfig
+from .arguments import VPT_MODEL_CLASS, VPTArguments
+
+logger = logging.getLogger(__name__)
+
+
+def vpt_arguments(model_args) -> VPTArguments:
+    """The VPT keys of the recipe (attached to ``model_args`` by the hparams patch)."""
+    return getattr(model_args, "vpt", None) or VPTArguments()
+
+
+def builds_vpt_model(config, model_args) -> bool:
+    """Whether this load makes a new VPT model around a plain Qwen2-VL."""
+    return not isinstance(config, VPTQwen2VLConfig) and vpt_arguments(model_args).customize_model_class == VPT_MODEL_CLASS
+
+
+def vpt_config(config, model_args, tokenizer=None):
+    """The config to load with: the checkpoint's, VPT-ified or given the recipe's VPT knobs.
+
+    Token ids come from ``tokenizer`` when given (else :func:`set_token_ids` adds them later).
+    """
+    vpt = vpt_arguments(model_args)
+    source = model_args.model_name_or_path
+    if isinstance(config, VPTQwen2VLConfig):
+        lacking = [name for name in vpt.branch_names if name not in config.vision_encoder_ls]
+        if lacking:
+            raise ValueError(
+                f"recipe key vision_encoder_ls={vpt.vision_encoder_ls!r} names {lacking}, which the checkpoint "
+                f"{source} lacks: it has {config.vision_encoder_ls}"
+            )
+    elif builds_vpt_model(config, model_args):
+        if config.model_type != "qwen2_vl":
+            raise ValueError(
+                f"customize_model_class: vpt needs a Qwen2-VL `model_name_or_path`; {source} is {config.model_type!r}"
+            )
+        if not vpt.branch_names:
+            raise ValueError("customize_model_class: vpt needs `vision_encoder_ls` (dino, sam or clip)")
+        base_fields = {k: v for k, v in config.to_dict().items() if k not in NOT_CONFIG_FIELDS}
+        encoder_configs = {name: encoder_weights(name, model_args)[0].to_dict() for name in _encoders(vpt)}
+        config = VPTQwen2VLConfig(**base_fields, vision_encoder_ls=vpt.branch_names, branch_encoder_configs=encoder_configs)
+        vpt.builds_from_base = True
+    else:
+        return config
+    for key, value in vpt.config_overrides().items():
+        setattr(config, key, value)
+    if tokenizer is not None:
+        set_token_ids(config, tokenizer, model_args)
+    return config
+
+
+def set_token_ids(config, tokenizer, model_args) -> None:
+    """Fill a new VPT model's token ids from the tokenizer; check a checkpoint's against it."""
+    if not isinstance(config, VPTQwen2VLConfig):
+        return
+    if vpt_arguments(model_args).builds_from_base:
+        for key, value in vpt_token_ids(tokenizer, config.vision_encoder_ls).items():
+            setattr(config, key, value)
+    check_token_ids(config, tokenizer)
+    config.check_forward_settings()
+
+
+def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
+    """After LLaMA-Factory loads the tokenizer: add the VPT tokens of a new VPT model, and give
+    the processor the VPT config (the ``vpt_qwen2_vl`` plugin reads branch token counts from it).
+    """
+    tokenizer, processor = tokenizer_module["tokenizer"], tokenizer_module["processor"]
+    config = vpt_config(base_config, model_args)
+    if not isinstance(config, VPTQwen2VLConfig):
+        return
+    vpt = vpt_arguments(model_args)
+    if vpt.builds_from_base:
+        vpt.rows_before = len(tokenizer)
+        vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls)
+    set_token_ids(config, tokenizer, model_args)
+    if processor is not None:
+        processor.vpt_config = config
+
+
+def finish_new_model(model, tokenizer, model_args) -> None:
+    """Encoder weights and new token rows of a VPT model built around a plain Qwen2-VL."""
+    config = model.config
+    vpt = vpt_arguments(model_args)
+    if not vpt.builds_from_base:
+        return
+    if vpt.new_token_ids is None:
+        raise RuntimeError("a new VPT model needs its tokenizer loaded first (load_tokenizer before load_model)")
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "customize_model_class: vpt cannot build a VPT model under DeepSpeed ZeRO-3 (its weights are "
+            "partitioned while loading); make the checkpoint first with `vpt init --base "
+            f"{model_args.model_name_or_path} --branches {','.join(config.vision_encoder_ls)}` and train from it"
+        )
+    for name in _encoders(vpt):
+        _, state, path = encoder_weights(name, model_args)
+        encoder = getattr(model, get_branch(name).encoder_attribute)
+        with torch.no_grad():
+            load_strict(encoder, {k: v.to(encoder.dtype) for k, v in state.items()}, f"{name} encoder from {path}")
+        _ENCODER_CACHE.pop((name, path), None)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # as `vpt init` does
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    init_new_token_rows(model, vpt.new_token_ids, reference_rows=vpt.rows_before)
+    logger.info("VPT model built around %s: branches %s", model_args.model_name_or_path, config.vision_encoder_ls)
+
+
+def apply_freefreeze(model, model_args, is_trainable: bool) -> None:
+    """``finetuning_type: freefreeze``: freeze (or train only) parameters whose names contain a listed module."""
+    vpt = vpt_arguments(model_args)
+    if not (is_trainable and vpt.freefreeze):
+        return
+    frozen = vpt.frozen_modules
+    patterns = frozen or vpt.trainable_modules
+    names = [name for name, _ in model.named_parameters()]
+    if patterns != ["all"]:
+        unmatched = [p for p in patterns if not any(p in name for name in names)]
+        if unmatched:
+            key = "freefreeze_frozen_modules" if frozen else "freefreeze_trainable_modules"
+            top = sorted({name.split(".")[0] for name in names} | {".".join(name.split(".")[:2]) for name in names})
+            raise ValueError(f"recipe key {key}: {unmatched} match no parameter; the model has {top}")
+    compute_dtype = model_args.compute_dtype
+    for name, param in model.named_parameters():
+        listed = patterns == ["all"] or any(p in name for p in patterns)
+        trainable = not listed if frozen else listed
+        param.requires_grad_(trainable)
+        if not trainable and param.is_floating_point() and compute_dtype is not None and param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)  # full tuning upcast it; frozen weights need no fp32 copy
+
+
+def _encoders(vpt: VPTArguments) -> list[str]:
+    return [name for name in vpt.branch_names if get_branch(name).has_encoder]
+
+
+_ENCODER_CACHE: dict[tuple[str, str], tuple] = {}
+
+
+def encoder_weights(name: str, model_args) -> tuple:
+    """``(encoder config, state dict, path)`` a new VPT model's branch encoder starts from."""
+    vpt = vpt_arguments(model_args)
+    branch = get_branch(name)
+    path = vpt.encoder_paths.get(name, branch.pretrained_id)
+    if (name, path) not in _ENCODER_CACHE:
+        try:
+            _ENCODER_CACHE[(name, path)] = branch.pretrained_encoder(path)
+        except OSError as error:
+            raise OSError(
+                f"branch {name!r}: cannot load its encoder from {path!r} (recipe key vision_encoder_paths, "
+                f"e.g. `vision_encoder_paths: {name}=/path/to/encoder`): {error}"
+            ) from error
+    config, state = _ENCODER_CACHE[(name, path)]
+    return config, state, path
