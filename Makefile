@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TINY := outputs/tiny-vpt
+TINY := outputs/tiny
 
 .PHONY: install demo test clean
 
@@ -18,8 +18,8 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/vpt init --tiny --output $(TINY)
-	$(PY) -m vpt_plugin.demo --model $(TINY)
+	$(VENV)/bin/vpt tiny --output $(TINY)
+	$(PY) -m vpt_plugin.demo --tiny $(TINY)
 
 test: install
 	$(PY) -m pytest -q tests

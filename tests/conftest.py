@@ -1,15 +1,24 @@
 """Shared fixtures: one tiny VPT checkpoint per test session, built offline from a seed."""
 
 import pytest
+from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vpt_plugin  # noqa: F401  (registers the Auto classes)
 from vpt_plugin.branches import get_branch
 from vpt_plugin.checkpoint import init_vpt_checkpoint
 from vpt_plugin.conversation import collate, encode_conversation
-from vpt_plugin.demo import shape_image
 from vpt_plugin.tiny import build_tiny_base, tiny_encoder_configs
-from vpt_plugin.vocabulary import REENCODING_PROMPT, REGION_PROMPT, region_sequence
+from vpt_plugin.vocabulary import GRID_SIZE, REENCODING_PROMPT, REGION_PROMPT, region_sequence
+
+
+def shape_image(cell: tuple[int, int], colour: str, size: int = 224) -> Image.Image:
+    """A grey image with a small coloured square in one cell of the 8x8 grid."""
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    step = size // GRID_SIZE
+    x, y = cell
+    ImageDraw.Draw(image).rectangle([x * step + 2, y * step + 2, (x + 1) * step - 3, (y + 1) * step - 3], fill=colour)
+    return image
 
 
 @pytest.fixture(scope="session")

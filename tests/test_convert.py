@@ -83,7 +83,7 @@ CASES = [
 @pytest.mark.parametrize("passes, para_mask_id, mrope", CASES)
 def test_converted_checkpoint_matches_the_published_forward(converted, passes, para_mask_id, mrope):
     branch, root, reference = converted
-    model = AutoModelForImageTextToText.from_pretrained(root / "converted").eval()
+    model = AutoModelForImageTextToText.from_pretrained(root / "converted").train()  # para masking runs in training mode
     processor = AutoProcessor.from_pretrained(root / "converted")
     config = model.config
     batch = batch_of(processor, [reencoding_example(processor, config, branch), region_example(processor, config)])
@@ -112,7 +112,7 @@ def test_converted_checkpoint_matches_the_published_forward(converted, passes, p
 def test_para_mask_draws_match_the_published_code(converted):
     """With ratio 0.5, the same seed masks the same batches as the published code."""
     branch, root, reference = converted
-    model = AutoModelForImageTextToText.from_pretrained(root / "converted").eval()
+    model = AutoModelForImageTextToText.from_pretrained(root / "converted").train()  # para masking runs in training mode
     processor = AutoProcessor.from_pretrained(root / "converted")
     batch = batch_of(processor, [reencoding_example(processor, model.config, branch)])
     action = model.config.branch_ids(branch)["action"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batch_of, reencoding_example, region_example
+from conftest import batch_of, reencoding_example, region_example, shape_image
 from transformers import AutoModelForImageTextToText
 
 from vpt_plugin import VPTInputError
@@ -141,6 +141,7 @@ def test_explicit_mrope_positions_equal_the_default(model, processor):
 def test_para_mask_zeroes_exactly_the_masked_turns(model, processor, para_mask_id, turns):
     config = model.config
     config.para_mask_id, config.para_mask_ratio = para_mask_id, 1.0
+    model.train()
     batch = batch_of(processor, [reencoding_example(processor, config, "dino"), region_example(processor, config)])
     calls = LanguageModelCalls(model)
     with torch.no_grad():
@@ -159,12 +160,17 @@ def test_para_mask_zeroes_exactly_the_masked_turns(model, processor, para_mask_i
     assert not zeroed[1].any(), "a row without action tokens is never masked"
     assert not ((calls.embeds[0] == 0).all(dim=-1) & real).any(), "pass 1 is never masked"
 
-    config.para_mask_ratio = 0.0
-    calls = LanguageModelCalls(model)
-    with torch.no_grad():
-        model(**batch)
-    calls.remove()
-    assert not ((calls.embeds[1] == 0).all(dim=-1) & real).any()
+    for off in ("ratio", "eval mode"):  # para masking is for training only
+        if off == "ratio":
+            config.para_mask_ratio = 0.0
+        else:
+            config.para_mask_ratio = 1.0
+            model.eval()
+        calls = LanguageModelCalls(model)
+        with torch.no_grad():
+            model(**batch)
+        calls.remove()
+        assert not ((calls.embeds[1] == 0).all(dim=-1) & real).any(), off
 
 
 def test_action_token_labels_are_ignored(model, processor):
@@ -213,7 +219,6 @@ def test_one_pass_alignment_and_switching_passes_between_calls(model, processor)
 def test_alignment_sample_without_action_tokens(model, processor):
     """Alignment data: a branch image and a caption, no action tokens, one pass."""
     from vpt_plugin.conversation import encode_conversation
-    from vpt_plugin.demo import shape_image
 
     model.config.num_inner_forward_run = 1
     image = shape_image((3, 3), "red")
@@ -228,7 +233,6 @@ def test_alignment_sample_without_action_tokens(model, processor):
 
 def test_branch_images_without_action_token_name_the_row(model, processor):
     from vpt_plugin.conversation import encode_conversation
-    from vpt_plugin.demo import shape_image
 
     image = shape_image((3, 3), "red")
     no_action = encode_conversation(
@@ -291,9 +295,9 @@ def test_config_ids_not_in_tokenizer(model, processor):
 
 def test_para_mask_row_without_enough_turns(model, processor):
     from vpt_plugin.conversation import encode_conversation
-    from vpt_plugin.demo import shape_image
 
     model.config.para_mask_id, model.config.para_mask_ratio = 2, 1.0
+    model.train()
     image = shape_image((3, 3), "red")
     tokens = get_branch("clip").tokens
     short = encode_conversation(

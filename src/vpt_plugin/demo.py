@@ -1,86 +1,101 @@
-"""``python -m vpt_plugin.demo --model DIR``: one VPT forward/backward on a small mixed batch.
+"""``python -m vpt_plugin.demo``: every demo recipe through the unmodified ``llamafactory-cli train``.
 
-The batch has a row per branch the model has (re-encoding with its action tokens) and a
-Region Selection row, so every path of the two-pass forward runs once.
+Offline and on CPU: tiny random models (``vpt tiny``), the demo dataset (``data/demo``), and
+the recipes of ``configs/demo`` in order (each branch's alignment, then VPT tuning; full and
+LoRA). After each run it checks that the loss fell and reloads the saved model through
+LLaMA-Factory's own loader to compute its loss on the test split again.
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor
+import yaml
 
-import vpt_plugin  # noqa: F401  (registers the VPT model with the Auto classes)
-
-from .branches import get_branch
-from .conversation import collate, encode_conversation
-from .vocabulary import GRID_SIZE, REENCODING_PROMPT, REGION_PROMPT, region_sequence
-
-
-def shape_image(cell: tuple[int, int], colour: str, size: int = 224) -> Image.Image:
-    """A grey image with a small coloured square in one cell of the 8x8 grid."""
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    step = size // GRID_SIZE
-    x, y = cell
-    ImageDraw.Draw(image).rectangle([x * step + 2, y * step + 2, (x + 1) * step - 3, (y + 1) * step - 3], fill=colour)
-    return image
+# (recipe, what it shows); stage 2 of a branch starts from its stage 1 output.
+DEMO_RECIPES = (
+    ("dino_1_alignment", "DINOv2 branch: projector alignment (one pass), model built from a plain Qwen2-VL"),
+    ("dino_2_vpt", "DINOv2 branch: VPT tuning (two passes, para mask), vision encoders frozen"),
+    ("sam_1_alignment", "SAM branch: projector alignment"),
+    ("sam_2_vpt", "SAM branch: VPT tuning"),
+    ("clip_vpt", "clip branch: VPT tuning from a plain Qwen2-VL (published freefreeze keys)"),
+    ("clip_vpt_lora", "clip branch: LoRA on the LLM + projector, lm_head, embeddings"),
+)
 
 
-def demo_examples(processor, config) -> list[dict]:
-    image = shape_image((5, 2), "red")
-    question = "What colour is the small square? "
-    examples = []
-    for name in config.vision_encoder_ls:
-        tokens = get_branch(name).tokens
-        messages = [
-            {"role": "user", "content": f"<image>{question}{REENCODING_PROMPT}"},
-            {"role": "assistant", "content": tokens.action_sequence},
-            {"role": "user", "content": tokens.placeholder},
-            {"role": "assistant", "content": "red"},
-        ]
-        examples.append(
-            encode_conversation(processor, config, messages, [image], {name: [image]}, where=f"{name} row")
+def run_recipe(recipe: Path, log: Path, extra_args: tuple[str, ...] = (), env: dict | None = None) -> None:
+    """``llamafactory-cli train recipe`` in a subprocess, its output in ``log``; raises with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # This interpreter's scripts first: llamafactory-cli, and the bare `torchrun` its launcher calls.
+    scripts = str(Path(sys.executable).parent)
+    path = {"PATH": scripts + os.pathsep + os.environ.get("PATH", "")}
+    with open(log, "w") as out:
+        result = subprocess.run(
+            ["llamafactory-cli", "train", str(recipe), *extra_args],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **path, **(env or {})},
         )
-    region = [
-        {"role": "user", "content": f"<image>{question}{REGION_PROMPT}"},
-        {"role": "assistant", "content": region_sequence([5, 5], [2, 2])},
-        {"role": "user", "content": "<image>"},
-        {"role": "assistant", "content": "red"},
-    ]
-    crop = image.crop((4 * 28, 1 * 28, 7 * 28, 4 * 28))
-    examples.append(encode_conversation(processor, config, region, [image, crop], where="region row"))
-    return examples
+    if result.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"llamafactory-cli train {recipe} failed (exit {result.returncode}); {log} ends:\n{tail}")
+
+
+def training_losses(output_dir: Path) -> list[float]:
+    """The logged training losses of a finished run (``trainer_state.json``)."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def final_eval_loss(output_dir: Path) -> float | None:
+    """The evaluation loss logged at the run's last step, if it evaluated then."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    evals = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    return evals[-1]["eval_loss"] if evals and evals[-1]["step"] == state["global_step"] else None
+
+
+def reload_and_evaluate(recipe: Path, log: Path) -> float:
+    """Load the run's saved model through LLaMA-Factory (no training) and return its test-split loss."""
+    settings = yaml.safe_load(recipe.read_text())
+    output_dir = settings["output_dir"]
+    args = ["do_train=false", "do_eval=true", f"eval_dataset={settings.get('eval_dataset', settings['dataset'])}",
+            f"output_dir={output_dir}/reload_check"]
+    # A full run saved a VPT checkpoint; a LoRA run saved an adapter for the recipe's base.
+    args.append(f"{'adapter_name_or_path' if settings['finetuning_type'] == 'lora' else 'model_name_or_path'}={output_dir}")
+    run_recipe(recipe, log, tuple(args))
+    metrics = json.loads((Path(output_dir) / "reload_check" / "eval_results.json").read_text())
+    return metrics["eval_loss"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="a VPT checkpoint directory (vpt init)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the para-mask draw")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=Path, default=Path("configs/demo"))
+    parser.add_argument("--tiny", type=Path, default=Path("outputs/tiny"), help="where `vpt tiny` wrote its models")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    if not (args.tiny / "qwen2-vl" / "config.json").is_file():
+        from .tiny import build_tiny_fixtures
 
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model)
-    model.train()
-    config = model.config
-    batch = collate(demo_examples(processor, config), processor.tokenizer.pad_token_id)
-    print(f"model: {type(model).__name__}, branches {config.vision_encoder_ls}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    print(f"batch: {batch['input_ids'].shape[0]} rows x {batch['input_ids'].shape[1]} tokens "
-          f"({', '.join(config.vision_encoder_ls)} re-encoding rows and a region-selection row)")
-
-    start = time.perf_counter()
-    loss = model(**batch).loss
-    loss.backward()
-    print(f"two-pass forward/backward (num_inner_forward_run={config.num_inner_forward_run}, "
-          f"para_mask_id={config.para_mask_id}): loss {loss.item():.4f} in {time.perf_counter() - start:.2f}s")
-    for name in config.vision_encoder_ls:
-        projector = model.branch_projector(name)
-        norm = torch.norm(torch.stack([p.grad.norm() for p in projector.parameters() if p.grad is not None]))
-        print(f"  {get_branch(name).projector_attribute}: gradient norm {norm:.4g}")
-    print(f"  input embeddings: gradient norm {model.get_input_embeddings().weight.grad.norm():.4g}")
+        build_tiny_fixtures(args.tiny)
+    started = time.perf_counter()
+    for name, what in DEMO_RECIPES:
+        recipe = args.configs / f"{name}.yaml"
+        output_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+        print(f"== {name}: {what}", flush=True)
+        t0 = time.perf_counter()
+        run_recipe(recipe, output_dir.with_suffix(".log"))
+        losses = training_losses(output_dir)
+        if not losses[-1] < losses[0]:
+            raise SystemExit(f"{name}: the training loss did not fall ({losses})")
+        reloaded = reload_and_evaluate(recipe, output_dir.with_name(output_dir.name + "_reload.log"))
+        in_training = final_eval_loss(output_dir)
+        if in_training is not None and abs(in_training - reloaded) > 1e-4:
+            raise SystemExit(f"{name}: reloaded test loss {reloaded} differs from the run's own {in_training}")
+        print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} logs, {time.perf_counter() - t0:.0f}s; "
+              f"reloaded from {output_dir}: test loss {reloaded:.3f}", flush=True)
+    print(f"all {len(DEMO_RECIPES)} demo recipes trained, saved and reloaded in {time.perf_counter() - started:.0f}s")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

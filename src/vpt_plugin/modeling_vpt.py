@@ -261,8 +261,10 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         """Zero the first user turn (and the branch turn for para_mask_id 2) of rows that re-encode.
 
         One draw per masked turn and batch, with probability ``para_mask_ratio``, as published.
+        Training only (method.md section 3); the published code also masked in eval mode, which
+        ``reference_compat`` keeps.
         """
-        if self.config.para_mask_id == 0:
+        if self.config.para_mask_id == 0 or not (self.training or self.config.reference_compat):
             return inputs_embeds
         rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for name in projected:

@@ -140,6 +140,8 @@ def _translate(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if args.get("finetuning_type") == FREEFREEZE:
         args.update(FREEFREEZE_AS_FULL)
         vpt["freefreeze"] = True
+    if str(vpt.get("compute_classwise_accuracy", False)).lower() == "true":
+        args["compute_accuracy"] = True  # LLaMA-Factory's token accuracy, which the VPT figures extend
     if isinstance(args.get("lora_target"), str):
         args["lora_target"] = LORA_TARGET_RENAMES.get(args["lora_target"].strip(), args["lora_target"])
     return args, vpt
@@ -147,7 +149,7 @@ def _translate(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _list_to_dict(args: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Pull ``--key value`` / ``--key=value`` pairs that are VPT or renamed keys out of CLI args."""
-    wanted = set(VPT_KEYS) | set(RENAMED_KEYS) | {"finetuning_type", "lora_target"}
+    wanted = set(VPT_KEYS) | set(RENAMED_KEYS) | {"finetuning_type", "lora_target", "compute_accuracy"}
     rest, picked, i = [], {}, 0
     while i < len(args):
         arg = args[i]

@@ -90,6 +90,10 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
         vpt.rows_before = len(tokenizer)
         vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls)
     set_token_ids(config, tokenizer, model_args)
+    # Imported here: the metric module imports llamafactory.train, which imports this loader.
+    from .metric import configure_metric
+
+    configure_metric(tokenizer, vpt, config.vision_encoder_ls)
     if processor is not None:
         processor.vpt_config = config
 
