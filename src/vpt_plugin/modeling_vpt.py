@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import torch
 from transformers import Qwen2VLForConditionalGeneration
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 
 from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
@@ -75,6 +76,16 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         if input_ids is None:
             raise VPTInputError("the VPT forward pass needs input_ids to find its tokens")
         branch_inputs = self._pop_branch_inputs(kwargs)
+        if self.training and is_deepspeed_zero3_enabled():
+            absent = [name for name in config.vision_encoder_ls if name not in branch_inputs]
+            if absent:
+                # ZeRO-3 gathers a module's weights collectively when it runs, so all ranks must run
+                # the same branch modules in the same order.
+                raise VPTInputError(
+                    f"DeepSpeed ZeRO-3 needs images for every branch {config.vision_encoder_ls} in every "
+                    f"micro-batch; this one has none for {absent}. Train mixed VPT data with ZeRO-2 "
+                    "(configs/deepspeed/ds_z2.json); ZeRO-3 suits alignment data, where every row has one."
+                )
 
         # The reference computes embeddings and every vision encoder without gradients.
         encoders_context = torch.no_grad() if config.reference_compat else nullcontext()
@@ -146,6 +157,8 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if self.training and torch.is_grad_enabled():
+            logits = logits + self._projector_anchor(logits)
 
         loss = None
         if labels is not None:
@@ -164,6 +177,25 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             attentions=outputs.attentions,
             rope_deltas=self.model.rope_deltas,
         )
+
+    def _projector_anchor(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero that depends on every trainable projector parameter.
+
+        In data-parallel training (DDP, DeepSpeed) every rank must produce gradients for the same
+        parameters, but a rank whose batch has no image (or no action token) for a branch would
+        leave that projector out of its graph. Running each projector on one dummy feature and
+        adding 0 times the result keeps them all in, at the cost of a few tiny matmuls.
+        """
+        anchor = like.new_zeros(())
+        hidden = self.config.text_config.hidden_size
+        for name in self.config.vision_encoder_ls:
+            projector = self.branch_projector(name)
+            if not any(p.requires_grad for p in projector.parameters()):
+                continue
+            features = projector.project_features(get_branch(name).dummy_features(self.config).to(like))
+            control = like.new_zeros(self.config.projector_scale, hidden)
+            anchor = anchor + 0.0 * sum(f.sum() for f in projector.reweight(features, control))
+        return anchor
 
     # ----------------------------------------------------------------- inputs
 

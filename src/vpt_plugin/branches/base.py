@@ -129,6 +129,10 @@ class VisionBranch:
         """Run the encoder on this branch's images; ``inputs`` holds ``pixel_key`` and ``extra_inputs``."""
         raise NotImplementedError
 
+    def dummy_features(self, vpt_config) -> torch.Tensor:
+        """The smallest raw encoder output the projector accepts (one image), for :meth:`project_features`."""
+        raise NotImplementedError
+
     def preprocess(self, images, processor) -> dict:
         """PIL images -> this branch's model inputs, with the branch encoder's own preprocessing.
 

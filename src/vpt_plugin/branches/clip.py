@@ -4,6 +4,8 @@ The ViT merger already outputs the LLM hidden size, so the projector only re-wei
 without a control state the features pass through unchanged.
 """
 
+import torch
+
 from ..vocabulary import BranchTokens
 from . import register_branch
 from .base import ControlProjector, VisionBranch, VPTInputError
@@ -32,6 +34,9 @@ class ClipBranch(VisionBranch):
         if grid_thw is None:
             raise VPTInputError("clip_pixel_values given without clip_images_grid_thw")
         return model.model.get_image_features(inputs[self.pixel_key], grid_thw).pooler_output
+
+    def dummy_features(self, vpt_config):
+        return torch.zeros(1, 1, vpt_config.text_config.hidden_size)
 
     def preprocess(self, images, processor):
         # The base model's own image processor, with its pixel bounds.

@@ -61,6 +61,11 @@ def vpt_config(config, model_args, tokenizer=None):
         return config
     for key, value in vpt.config_overrides().items():
         setattr(config, key, value)
+    if config.num_inner_forward_run == 2 and getattr(model_args, "use_reentrant_gc", False):
+        # Reentrant checkpointing runs one backward per checkpointed call, so the two passes through
+        # each layer fire its parameters' gradient hooks twice, which DeepSpeed ZeRO-2 cannot bucket.
+        logger.info("VPT two-pass model: gradient checkpointing switched to non-reentrant")
+        model_args.use_reentrant_gc = False
     if tokenizer is not None:
         set_token_ids(config, tokenizer, model_args)
     return config
