@@ -1,4 +1,4 @@
-"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt convert``."""
+"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt data``, ``vpt convert``."""
 
 import argparse
 import json
@@ -52,6 +52,25 @@ def _tiny(args) -> None:
         print(f"tiny {what}: {path}")
 
 
+def _data_convert(args) -> None:
+    from .dataset_tools import convert_rows
+
+    branches = [name.strip() for name in args.branches.split(",") if name.strip()]
+    count = convert_rows(args.source, args.output, args.box_format, branches, args.media_dir)
+    print(f"{count} VPT rows written to {args.output}")
+
+
+def _data_validate(args) -> None:
+    from .dataset_tools import validate_file
+
+    problems = validate_file(args.file, args.media_dir)
+    for problem in problems:
+        print(f"{args.file}: {problem}")
+    if problems:
+        raise SystemExit(f"vpt data validate: {len(problems)} problem(s) in {args.file}")
+    print(f"{args.file}: no problems")
+
+
 def _convert(args) -> None:
     from .convert import convert_published_checkpoint
 
@@ -89,6 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--output", required=True, help="directory to write qwen2-vl/, dinov2/ and sam/ to")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)
+
+    data = commands.add_parser("data", help="make VPT training rows from your VQA rows; check dataset files")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_convert = data_commands.add_parser("convert", help="VQA rows with a box -> VPT training rows")
+    data_convert.add_argument("source", type=Path, help="JSON list or JSONL of {image, question, answer, box}")
+    data_convert.add_argument("--output", type=Path, required=True, help="released-format JSON to write")
+    data_convert.add_argument("--box-format", choices=("pixels", "normalized"), default="pixels")
+    data_convert.add_argument("--branches", default="dino,sam,clip", help="re-encoding rows to add, comma-separated ('' for none)")
+    data_convert.add_argument("--media-dir", help="directory image paths are relative to (LLaMA-Factory's media_dir)")
+    data_convert.set_defaults(run=_data_convert)
+    data_validate = data_commands.add_parser("validate", help="report every bad row of a released-format file")
+    data_validate.add_argument("file", type=Path)
+    data_validate.add_argument("--media-dir", help="directory image paths are relative to (LLaMA-Factory's media_dir)")
+    data_validate.set_defaults(run=_data_validate)
 
     convert = commands.add_parser("convert", help="convert a checkpoint saved by the published VPT code")
     convert.add_argument("src", help="published checkpoint directory (config.json, pytorch_model*.bin)")

@@ -56,12 +56,16 @@ def final_eval_loss(output_dir: Path) -> float | None:
     return evals[-1]["eval_loss"] if evals and evals[-1]["step"] == state["global_step"] else None
 
 
-def reload_and_evaluate(recipe: Path, log: Path) -> float:
-    """Load the run's saved model through LLaMA-Factory (no training) and return its test-split loss."""
+def reload_and_evaluate(recipe: Path, log: Path, extra_args: tuple[str, ...] = ()) -> float:
+    """Load a finished run's saved model through LLaMA-Factory (no training); its test-split loss.
+
+    ``extra_args`` are the overrides the run itself was given (``output_dir=...`` among them).
+    """
     settings = yaml.safe_load(recipe.read_text())
+    settings.update(arg.split("=", 1) for arg in extra_args)
     output_dir = settings["output_dir"]
-    args = ["do_train=false", "do_eval=true", f"eval_dataset={settings.get('eval_dataset', settings['dataset'])}",
-            f"output_dir={output_dir}/reload_check"]
+    args = [*extra_args, "do_train=false", "do_eval=true", f"output_dir={output_dir}/reload_check",
+            f"eval_dataset={settings.get('eval_dataset', settings['dataset'])}"]
     # A full run saved a VPT checkpoint; a LoRA run saved an adapter for the recipe's base.
     args.append(f"{'adapter_name_or_path' if settings['finetuning_type'] == 'lora' else 'model_name_or_path'}={output_dir}")
     run_recipe(recipe, log, tuple(args))

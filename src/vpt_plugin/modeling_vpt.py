@@ -11,6 +11,8 @@ from contextlib import nullcontext
 
 import torch
 from transformers import Qwen2VLForConditionalGeneration
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 
@@ -44,6 +46,20 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             module.reset_parameters()
         else:
             super()._init_weights(module)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that also takes the key layout ``save_pretrained`` writes.
+
+        transformers saves Qwen2-VL weights under their hub names (``model.embed_tokens``,
+        ``visual.*``) and renames them only in ``from_pretrained``; the Trainer's
+        ``resume_from_checkpoint`` reads the saved file with plain ``load_state_dict`` (non-strict),
+        which without this would restore none of those weights.
+        """
+        own = set(self.state_dict())
+        if any(key not in own for key in state_dict):
+            renamings = [c for c in get_model_conversion_mapping(self) if isinstance(c, WeightRenaming)]
+            state_dict = {rename_source_key(key, renamings, [])[0]: value for key, value in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def branch_projector(self, name: str) -> ControlProjector:
         return getattr(self, get_branch(name).projector_attribute)

@@ -10,12 +10,18 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import HfArgumentParser
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # `customize_model_class: vpt` (published recipes): build a VPT model from a plain Qwen2-VL.
 VPT_MODEL_CLASS = "vpt"
 
 # Published fork key -> LLaMA-Factory 0.9.5 key (same meaning).
 RENAMED_KEYS = {"new_tokens": "add_tokens", "new_special_tokens": "add_special_tokens"}
+
+# Published keys transformers 5 no longer has (-> why dropping them changes nothing that matters).
+DROPPED_KEYS = {"save_safetensors": "transformers 5 always saves safetensors, which load the same way"}
 
 # `finetuning_type: freefreeze` is full tuning with an explicit frozen or trainable module
 # list; LLaMA-Factory runs it as `full` with nothing frozen, then the lists are applied.
@@ -132,6 +138,10 @@ def _translate(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LLaMA-Factory keys, VPT keys) of a recipe given as a dict."""
     args = dict(args)
     vpt = {key: args.pop(key) for key in VPT_KEYS if key in args}
+    for key, reason in DROPPED_KEYS.items():
+        if key in args:
+            args.pop(key)
+            logger.warning("recipe key %s ignored: %s", key, reason)
     for old, new in RENAMED_KEYS.items():
         if old in args:
             if new in args:
@@ -149,7 +159,7 @@ def _translate(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _list_to_dict(args: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Pull ``--key value`` / ``--key=value`` pairs that are VPT or renamed keys out of CLI args."""
-    wanted = set(VPT_KEYS) | set(RENAMED_KEYS) | {"finetuning_type", "lora_target", "compute_accuracy"}
+    wanted = set(VPT_KEYS) | set(RENAMED_KEYS) | set(DROPPED_KEYS) | {"finetuning_type", "lora_target", "compute_accuracy"}
     rest, picked, i = [], {}, 0
     while i < len(args):
         arg = args[i]

@@ -21,22 +21,21 @@ FORMATTING = "vpt_sharegpt"
 @dataclass
 class VPTSharegptDatasetConverter(SharegptDatasetConverter):
     def _find_medias(self, medias):
-        # Upstream joins media_dir only when the joined path is a file; a crop suffix must be
-        # split off for that test.
-        if self.dataset_attr.load_from not in ("script", "file") or not self.data_args.media_dir:
+        # Upstream joins media_dir when the joined path is a file (and warns otherwise); a crop
+        # suffix must be split off for that test. Bad suffixes are reported with their row below.
+        if self.dataset_attr.load_from not in ("script", "file") or not isinstance(medias, list) or not all(
+            isinstance(media, str) for media in medias
+        ):
             return super()._find_medias(medias)
-        found = super()._find_medias(medias)
-        if found is None:
-            return None
         resolved = []
-        for media in found:
-            if isinstance(media, str) and not os.path.isfile(media):
-                file, box = split_crop(media)
-                joined = os.path.join(self.data_args.media_dir, file)
-                if box is not None and os.path.isfile(joined):
-                    media = joined + media[len(file) :]
-            resolved.append(media)
-        return resolved
+        for media in medias:
+            try:
+                file, _ = split_crop(media)
+            except VPTDataError:
+                file = media
+            joined = os.path.join(self.data_args.media_dir, file)
+            resolved.append(joined + media[len(file) :] if os.path.isfile(joined) else media)
+        return resolved or None
 
     def __call__(self, example, index=None):
         where = f"dataset {self.dataset_attr.dataset_name}, row {index}"

@@ -72,11 +72,11 @@ def vpt_config(config, model_args, tokenizer=None):
 
 
 def set_token_ids(config, tokenizer, model_args) -> None:
-    """Fill a new VPT model's token ids from the tokenizer; check a checkpoint's against it."""
+    """Fill the config's missing VPT token ids from the tokenizer; check the ones it has against it."""
     if not isinstance(config, VPTQwen2VLConfig):
         return
-    if vpt_arguments(model_args).builds_from_base:
-        for key, value in vpt_token_ids(tokenizer, config.vision_encoder_ls).items():
+    for key, value in vpt_token_ids(tokenizer, config.vision_encoder_ls).items():
+        if getattr(config, key, None) is None:
             setattr(config, key, value)
     check_token_ids(config, tokenizer)
     config.check_forward_settings()
@@ -91,9 +91,10 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
     if not isinstance(config, VPTQwen2VLConfig):
         return
     vpt = vpt_arguments(model_args)
-    if vpt.builds_from_base:
-        vpt.rows_before = len(tokenizer)
-        vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls)
+    # A new VPT model, or a checkpoint from a stage that lacked some tokens (an alignment model
+    # has no action tokens): the missing ones are added, and their rows initialised on load.
+    vpt.rows_before = len(tokenizer)
+    vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls)
     set_token_ids(config, tokenizer, model_args)
     # Imported here: the metric module imports llamafactory.train, which imports this loader.
     from .metric import configure_metric
@@ -104,20 +105,20 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
 
 
 def finish_new_model(model, tokenizer, model_args) -> None:
-    """Encoder weights and new token rows of a VPT model built around a plain Qwen2-VL."""
+    """Encoder weights of a VPT model built around a plain Qwen2-VL, and rows of tokens added now."""
     config = model.config
     vpt = vpt_arguments(model_args)
-    if not vpt.builds_from_base:
+    if not isinstance(config, VPTQwen2VLConfig) or not (vpt.builds_from_base or vpt.new_token_ids):
         return
     if vpt.new_token_ids is None:
         raise RuntimeError("a new VPT model needs its tokenizer loaded first (load_tokenizer before load_model)")
     if is_deepspeed_zero3_enabled():
         raise ValueError(
-            "customize_model_class: vpt cannot build a VPT model under DeepSpeed ZeRO-3 (its weights are "
-            "partitioned while loading); make the checkpoint first with `vpt init --base "
+            "vpt-plugin cannot add VPT weights or tokens under DeepSpeed ZeRO-3 (weights are partitioned "
+            "while loading); make the checkpoint first with `vpt init --base "
             f"{model_args.model_name_or_path} --branches {','.join(config.vision_encoder_ls)}` and train from it"
         )
-    for name in _encoders(vpt):
+    for name in _encoders(vpt) if vpt.builds_from_base else []:
         _, state, path = encoder_weights(name, model_args)
         encoder = getattr(model, get_branch(name).encoder_attribute)
         with torch.no_grad():
@@ -126,7 +127,7 @@ def finish_new_model(model, tokenizer, model_args) -> None:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # as `vpt init` does
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     init_new_token_rows(model, vpt.new_token_ids, reference_rows=vpt.rows_before)
-    logger.info("VPT model built around %s: branches %s", model_args.model_name_or_path, config.vision_encoder_ls)
+    logger.info("VPT model %s: branches %s, %d new tokens", model_args.model_name_or_path, config.vision_encoder_ls, len(vpt.new_token_ids))
 
 
 def apply_freefreeze(model, model_args, is_trainable: bool) -> None:

@@ -1,0 +1,118 @@
+"""``vpt data``: turn a user's VQA rows with boxes into VPT training rows, and check dataset files.
+
+Input rows (JSON list or JSONL): ``{"image": path, "question": str, "answer": str, "box":
+[x0, y0, x1, y1]}``, the box in pixels or normalised to 0..1 (``--box-format``). Each row
+becomes a Region Selection row (the box on the 8x8 grid, the crop as a second image with an
+``_x0,y0,x1,y1`` suffix) and, per ``--branches``, a Vision Re-Encoding row, in the released
+format (``messages``, ``images`` and the branch columns) that ``vpt_sharegpt`` reads.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from .branches import get_branch
+from .dataset import MAIN_IMAGES, VPTDataError, row_problems
+from .vocabulary import GRID_SIZE, IMAGE_PLACEHOLDER, REENCODING_PROMPT, REGION_PROMPT, crop_pixels, region_sequence
+
+REQUIRED_KEYS = ("image", "question", "answer", "box")
+
+
+def read_rows(path: Path) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = json.loads(text)
+    if not isinstance(rows, list):
+        raise VPTDataError(f"{path}: expected a JSON list of rows")
+    return rows
+
+
+def grid_cells(box, width: int, height: int) -> tuple[list[int], list[int]]:
+    """Grid indices of a pixel box's top-left and bottom-right corners."""
+    x0, y0, x1, y1 = box
+
+    def cell(value, size):
+        return min(GRID_SIZE - 1, max(0, math.floor(value / size * GRID_SIZE)))
+
+    # The far edge belongs to the cell it closes (a box ending exactly on a cell line stays left of it).
+    return [cell(x0, width), cell(max(x0, x1 - 1e-6), width)], [cell(y0, height), cell(max(y0, y1 - 1e-6), height)]
+
+
+def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_dir: str | None) -> list[dict]:
+    missing = [key for key in REQUIRED_KEYS if key not in row]
+    if missing:
+        raise VPTDataError(f"{where}: missing keys {missing}")
+    image_path = row["image"]
+    file = os.path.join(media_dir, image_path) if media_dir else image_path
+    if not os.path.isfile(file):
+        raise VPTDataError(f"{where}, image: {image_path}: image file not found")
+    with Image.open(file) as image:
+        width, height = image.size
+    box = [float(v) for v in row["box"]]
+    if len(box) != 4:
+        raise VPTDataError(f"{where}, box: {row['box']} is not four numbers x0,y0,x1,y1")
+    if box_format == "normalized":
+        box = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+    if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
+        raise VPTDataError(f"{where}, box: {row['box']} is empty or outside the {width}x{height} image")
+    xs, ys = grid_cells(box, width, height)
+    left, top, right, bottom = crop_pixels((xs[0], ys[0], xs[1], ys[1]), width, height)
+    question, answer = row["question"], row["answer"]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{question}\n{REGION_PROMPT}"},
+                {"role": "assistant", "content": region_sequence(xs, ys)},
+                {"role": "user", "content": IMAGE_PLACEHOLDER},
+                {"role": "assistant", "content": answer},
+            ],
+            MAIN_IMAGES: [image_path, f"{image_path}_{left},{top},{right},{bottom}"],
+        }
+    ]
+    for name in branches:
+        branch = get_branch(name)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{question}\n{REENCODING_PROMPT}"},
+                    {"role": "assistant", "content": branch.tokens.action_sequence},
+                    {"role": "user", "content": branch.tokens.placeholder},
+                    {"role": "assistant", "content": answer},
+                ],
+                MAIN_IMAGES: [image_path],
+                branch.data_column: [image_path],
+            }
+        )
+    return rows
+
+
+def convert_rows(source: Path, output: Path, box_format: str, branches: list[str], media_dir: str | None) -> int:
+    """Write the VPT rows of every source row; raises naming every bad source row."""
+    converted, problems = [], []
+    for index, row in enumerate(read_rows(source)):
+        try:
+            converted += vpt_rows(row, f"{source}, row {index}", box_format, branches, media_dir)
+        except VPTDataError as error:
+            problems.append(str(error))
+    if problems:
+        raise VPTDataError(f"{len(problems)} bad row(s), nothing written:\n" + "\n".join(problems))
+    Path(output).write_text(json.dumps(converted, indent=1) + "\n", encoding="utf-8")
+    return len(converted)
+
+
+def validate_file(path: Path, media_dir: str | None) -> list[str]:
+    """Every problem of a released-format dataset file, as ``"row i, field: problem"``."""
+    report = []
+    for index, row in enumerate(read_rows(path)):
+        messages = row.get("messages") or []
+        contents = [str(message.get("content", "")) for message in messages]
+        images = {}
+        for key, value in row.items():
+            if key.endswith("images") and isinstance(value, list):
+                images[key] = [os.path.join(media_dir, v) if media_dir and isinstance(v, str) else v for v in value]
+        report += [f"row {index}, {problem}" for problem in row_problems(contents, images)]
+    return report

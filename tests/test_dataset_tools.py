@@ -1,0 +1,116 @@
+"""`vpt data` (own data -> VPT rows, dataset checks) and the committed demo dataset."""
+
+import filecmp
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vpt_plugin.cli import main as vpt
+from vpt_plugin.dataset import VPTDataError, open_image, split_crop
+from vpt_plugin.dataset_tools import convert_rows, validate_file
+from vpt_plugin.vocabulary import crop_pixels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    Image.new("RGB", (400, 200), (10, 20, 30)).save(tmp_path / "photo.png")
+    return tmp_path
+
+
+def test_vqa_rows_with_boxes_become_vpt_rows(image_dir):
+    source = image_dir / "mine.jsonl"
+    rows = [
+        {"image": "photo.png", "question": "What is on the sign?", "answer": "stop", "box": [110, 60, 190, 110]},
+        {"image": "photo.png", "question": "Colour?", "answer": "red", "box": [0.275, 0.3, 0.475, 0.55]},
+    ]
+    source.write_text("\n".join(json.dumps(r) for r in rows))
+    out = image_dir / "vpt.json"
+    vpt(["data", "convert", str(source), "--output", str(out), "--branches", "dino", "--media-dir", str(image_dir)])
+    written = json.loads(out.read_text())
+    assert len(written) == 4  # a region row and a dino row per source row
+    region = written[0]
+    # x 110..190 of 400 -> cells 2..3; y 60..110 of 200 -> cells 2..4
+    assert region["messages"][1]["content"] == (
+        "<|region_token_start|><|x_2|><|y_2|><|x_3|><|y_4|><|region_token_end|>"
+    )
+    assert region["images"][1] == "photo.png_{},{},{},{}".format(*crop_pixels((2, 2, 3, 4), 400, 200))
+    assert written[1]["detection_images"] == ["photo.png"]
+    assert written[1]["messages"][1]["content"] == "<|detection_action_start|><|detection_action|><|detection_action_end|>"
+    assert validate_file(out, str(image_dir)) == []
+
+    normalised = image_dir / "normalised.json"
+    source.write_text("\n".join(json.dumps({**r, "box": [b / s for b, s in zip(r["box"], (400, 200, 400, 200))]})
+                                for r in rows[:1]))
+    convert_rows(source, normalised, "normalized", [], str(image_dir))
+    assert json.loads(normalised.read_text())[0]["messages"][1] == region["messages"][1]
+
+
+def test_bad_source_rows_are_all_named_and_nothing_is_written(image_dir, capsys):
+    source = image_dir / "mine.json"
+    source.write_text(json.dumps([
+        {"image": "photo.png", "question": "q", "answer": "a", "box": [0, 0, 10, 10]},
+        {"image": "photo.png", "question": "q", "box": [0, 0, 10, 10]},
+        {"image": "gone.png", "question": "q", "answer": "a", "box": [0, 0, 10, 10]},
+        {"image": "photo.png", "question": "q", "answer": "a", "box": [300, 0, 500, 10]},
+    ]))
+    out = image_dir / "vpt.json"
+    with pytest.raises(SystemExit):
+        vpt(["data", "convert", str(source), "--output", str(out), "--media-dir", str(image_dir)])
+    error = capsys.readouterr().err
+    assert "3 bad row(s), nothing written" in error
+    assert "row 1: missing keys ['answer']" in error
+    assert "row 2, image: gone.png: image file not found" in error
+    assert "row 3, box: [300, 0, 500, 10] is empty or outside the 400x200 image" in error
+    assert not out.exists()
+
+
+def test_validate_reports_every_bad_row_by_index(image_dir, capsys):
+    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["photo.png"]}
+    rows = [
+        good,
+        {**good, "images": []},
+        {**good, "images": ["photo.png_0,0,500,10"]},
+        {"messages": [{"role": "user", "content": "<image><seg_image>Q"}, {"role": "assistant", "content": "<|y_9|>"}],
+         "images": ["photo.png"], "seg_images": ["photo.png_1,2"]},
+    ]
+    path = image_dir / "data.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(SystemExit, match="4 problem"):
+        vpt(["data", "validate", str(path), "--media-dir", str(image_dir)])
+    out = capsys.readouterr().out
+    assert "row 1, images: 1 <image> placeholder(s) in the messages but 0 image(s)" in out
+    assert "row 2, images[0]:" in out and "is outside the 400x200 image" in out
+    assert "row 3, messages[1].content: grid token <|y_9|> is outside 0..7" in out
+    assert "row 3, seg_images[0]:" in out and "crop suffix '1,2' is not four integers" in out
+    assert "row 0" not in out
+
+
+def test_crop_suffix_loads_that_crop(image_dir):
+    path = str(image_dir / "photo.png")
+    assert split_crop(path) == (path, None)
+    assert split_crop(path + "_10,20,110,70") == (path, (10, 20, 110, 70))
+    assert open_image(path + "_10,20,110,70").size == (100, 50)
+    with pytest.raises(VPTDataError, match="has no area"):
+        open_image(path + "_10,20,10,70")
+
+
+def test_demo_dataset_regenerates_byte_for_byte(tmp_path):
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, str(REPO / "data" / "make_demo_data.py"), "--output", str(out)], check=True,
+                   capture_output=True)
+    committed = REPO / "data" / "demo"
+    names = sorted(p.name for p in committed.glob("*.json"))
+    assert names == sorted(p.name for p in out.glob("*.json")) and names
+    match, mismatch, errors = filecmp.cmpfiles(committed, out, names, shallow=False)
+    assert not mismatch and not errors
+    images = sorted(p.name for p in (committed / "images").iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(committed / "images", out / "images", images, shallow=False)
+    assert not mismatch and not errors and len(match) == len(images)
+    for name in names:
+        assert validate_file(committed / name, str(REPO / "data")) == [], name
