@@ -15,6 +15,9 @@ $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# DeepSpeed (multi-process training, and its tests) is an sdist that builds against the installed torch.
+	$(PY) -m pip install -q -c constraints.txt hjson msgpack ninja py-cpuinfo
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt --no-build-isolation deepspeed
 	touch $(STAMP)
 
 demo: install

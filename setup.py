@@ -49,10 +49,14 @@ setup(
         "safetensors",
         "tokenizers",
         "pillow",
+        "pyyaml",
     ],
     extras_require={
         # segment-anything reads the official SAM checkpoints (sam_vit_*.pth).
         "sam": ["segment-anything==1.0"],
+        # DeepSpeed builds from source: `pip install hjson msgpack ninja py-cpuinfo` first, then
+        # `DS_BUILD_OPS=0 pip install --no-build-isolation "vpt-plugin[deepspeed]"` (make install does).
+        "deepspeed": ["deepspeed==0.19.8"],
         "test": ["pytest", "segment-anything==1.0"],
     },
     entry_points={"console_scripts": ["vpt = vpt_plugin.cli:main"]},

