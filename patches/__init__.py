@@ -23,7 +23,11 @@ def check_upstream(module, checked_against: dict[str, str], patch: str) -> None:
         obj = module
         for part in qualname.split("."):
             obj = getattr(obj, part, None)
-        if obj is None or source_digest(obj) != digest:
+        try:
+            found = source_digest(obj) if obj is not None else None
+        except (OSError, TypeError):  # no source to read: not the code we know
+            found = None
+        if found != digest:
             raise UnsupportedLlamaFactoryError(
                 f"vpt-plugin patch {patch}: {module.__name__}.{qualname} is not the code of LLaMA-Factory "
                 f"{PINNED_LLAMAFACTORY} that this patch was checked against. Install llamafactory=="
