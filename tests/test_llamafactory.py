@@ -162,6 +162,17 @@ def test_deepspeed_zero2_two_processes(dino_checkpoint, tmp_path):
     assert len(training_losses(tmp_path / "out")) == 2
 
 
+def test_deepspeed_zero3_alignment_two_processes(dino_checkpoint, tmp_path):
+    """ZeRO-3 runs alignment data (every row has a branch image, so all ranks run the same modules)."""
+    args = overrides(
+        model_name_or_path=dino_checkpoint, output_dir=tmp_path / "out", max_steps=4, customize_model_class="null",
+        deepspeed=REPO / "configs" / "deepspeed" / "ds_z3.json",
+    )
+    run_recipe(DEMO / "dino_1_alignment.yaml", tmp_path / "train.log", args, env={**ENV, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    assert "world size: 2" in (tmp_path / "train.log").read_text()
+    assert len(training_losses(tmp_path / "out")) == 2
+
+
 def test_resumed_run_repeats_the_uninterrupted_losses(tiny, tmp_path):
     """Stopped after its first checkpoint and resumed: the same losses step for step, para-mask draws included."""
     recipe = DEMO / "clip_vpt.yaml"
