@@ -32,10 +32,10 @@ def builds_vpt_model(config, model_args) -> bool:
     return not isinstance(config, VPTQwen2VLConfig) and vpt_arguments(model_args).customize_model_class == VPT_MODEL_CLASS
 
 
-def vpt_config(config, model_args, tokenizer=None):
+def vpt_config(config, model_args):
     """The config to load with: the checkpoint's, VPT-ified or given the recipe's VPT knobs.
 
-    Token ids come from ``tokenizer`` when given (else :func:`set_token_ids` adds them later).
+    Token ids are filled in later, from the tokenizer (:func:`set_token_ids`).
     """
     vpt = vpt_arguments(model_args)
     source = model_args.model_name_or_path
@@ -66,12 +66,10 @@ def vpt_config(config, model_args, tokenizer=None):
         # each layer fire its parameters' gradient hooks twice, which DeepSpeed ZeRO-2 cannot bucket.
         logger.info("VPT two-pass model: gradient checkpointing switched to non-reentrant")
         model_args.use_reentrant_gc = False
-    if tokenizer is not None:
-        set_token_ids(config, tokenizer, model_args)
     return config
 
 
-def set_token_ids(config, tokenizer, model_args) -> None:
+def set_token_ids(config, tokenizer) -> None:
     """Fill the config's missing VPT token ids from the tokenizer; check the ones it has against it."""
     if not isinstance(config, VPTQwen2VLConfig):
         return
@@ -95,7 +93,7 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
     # has no action tokens): the missing ones are added, and their rows initialised on load.
     vpt.rows_before = len(tokenizer)
     vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls)
-    set_token_ids(config, tokenizer, model_args)
+    set_token_ids(config, tokenizer)
     # Imported here: the metric module imports llamafactory.train, which imports this loader.
     from .metric import configure_metric
 
