@@ -67,26 +67,26 @@ def check_crop(box: tuple[int, int, int, int], size: tuple[int, int], path: str)
         raise VPTDataError(f"{path}: crop {box} is outside the {width}x{height} image")
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image path, applying its crop suffix (checked against the image size)."""
+def _open_checked(path: str) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """The file of an image path, opened lazily (header only), and its crop box, checked."""
     file, box = split_crop(path)
     if not os.path.isfile(file):
         raise VPTDataError(f"{path}: image file not found")
     image = Image.open(file)
     if box is not None:
         check_crop(box, image.size, path)
-        image = image.crop(box)
-    return image
+    return image, box
+
+
+def open_image(path: str) -> Image.Image:
+    """Open an image path, applying its crop suffix (checked against the image size)."""
+    image, box = _open_checked(path)
+    return image if box is None else image.crop(box)
 
 
 def check_image_path(path: str) -> None:
     """:func:`open_image`'s checks, reading only the file header."""
-    file, box = split_crop(path)
-    if not os.path.isfile(file):
-        raise VPTDataError(f"{path}: image file not found")
-    if box is not None:
-        with Image.open(file) as image:
-            check_crop(box, image.size, path)
+    _open_checked(path)[0].close()
 
 
 def row_problems(contents: list[str], images: dict[str, list]) -> list[str]:
@@ -97,16 +97,17 @@ def row_problems(contents: list[str], images: dict[str, list]) -> list[str]:
         images: dataset column (``images``, ``detection_images``, ...) -> its list for this row.
     """
     problems = []
-    found = {column: 0 for column in image_columns().values()}
+    columns = image_columns()
+    found = {column: 0 for column in columns.values()}
     for k, text in enumerate(contents):
         for placeholder in placeholders_in(text):
-            found[image_columns()[placeholder]] += 1
+            found[columns[placeholder]] += 1
         for axis, index in _GRID_TOKEN.findall(text):
             if int(index) >= GRID_SIZE:
                 problems.append(
                     f"messages[{k}].content: grid token <|{axis}_{index}|> is outside 0..{GRID_SIZE - 1}"
                 )
-    placeholder_of = {column: placeholder for placeholder, column in image_columns().items()}
+    placeholder_of = {column: placeholder for placeholder, column in columns.items()}
     for column, count in found.items():
         given = images.get(column) or []
         if len(given) != count:

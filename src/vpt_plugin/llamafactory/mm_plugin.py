@@ -35,12 +35,6 @@ class VPTQwen2VLPlugin(Qwen2VLPlugin):
         # Paths may carry a crop suffix (`a.jpg_x0,y0,x1,y1`); everything else as upstream.
         return super()._regularize_images([open_image(i) if isinstance(i, str) else i for i in images], **kwargs)
 
-    def _open_branch_images(self, images):
-        # Branch encoders resize with their own processors (DINOv2: 224 crop, SAM: 1024 long
-        # side), so only the crop and RGB conversion happen here.
-        opened = [open_image(i) if isinstance(i, str) else i for i in images]
-        return super()._regularize_images(opened, image_max_pixels=float("inf"), image_min_pixels=0)["images"]
-
     def _clip_resolution(self, processor) -> dict:
         # The clip branch re-encodes with the model's own ViT, at the recipe's image resolution.
         return {
@@ -50,7 +44,9 @@ class VPTQwen2VLPlugin(Qwen2VLPlugin):
 
     def _branch_images(self, name, images, processor):
         if get_branch(name).has_encoder:
-            return self._open_branch_images(images)
+            # Branch encoders resize with their own processors (DINOv2: 224 crop, SAM: 1024 long
+            # side), so only the crop and RGB conversion happen here.
+            return self._regularize_images(images, image_max_pixels=float("inf"), image_min_pixels=0)["images"]
         return self._regularize_images(images, **self._clip_resolution(processor))["images"]
 
     def _check_branches(self, kinds, config):
