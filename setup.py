@@ -50,6 +50,8 @@ setup(
         "tokenizers",
         "pillow",
         "pyyaml",
+        # The LLM judge (vpt_plugin.evaluation.judge) talks to any OpenAI-compatible endpoint.
+        "openai>=1.40",
     ],
     extras_require={
         # segment-anything reads the official SAM checkpoints (sam_vit_*.pth).

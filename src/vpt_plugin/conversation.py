@@ -25,10 +25,12 @@ def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: lis
     return text, used
 
 
-def encode_conversation(processor, config, messages: list[dict], images=None, branch_images=None, where="example"):
+def encode_conversation(processor, config, messages: list[dict], images=None, branch_images=None, where="example",
+                        add_generation_prompt=False):
     """One conversation -> ``input_ids``, ``labels`` and the visual inputs of its images.
 
     ``branch_images`` maps a branch name to its PIL images (``clip_images`` etc. in the data).
+    ``add_generation_prompt``: end with ``<|im_start|>assistant\n``, for generation.
     """
     tokenizer = processor.tokenizer
     placements = []  # (placeholder, pad token, counts)
@@ -62,6 +64,10 @@ def encode_conversation(processor, config, messages: list[dict], images=None, br
         input_ids += head + body + newline
         target = body if message["role"] == "assistant" else [IGNORE_INDEX] * len(body)
         labels += [IGNORE_INDEX] * len(head) + target + [IGNORE_INDEX] * len(newline)
+    if add_generation_prompt:
+        header = tokenizer.encode(f"{TURN_START}assistant\n", add_special_tokens=False)
+        input_ids += header
+        labels += [IGNORE_INDEX] * len(header)
     for placeholder, _, counts in placements:
         if used[placeholder] != len(counts):
             raise VPTInputError(f"{where}: {len(counts)} images for {placeholder} but {used[placeholder]} placeholders")

@@ -130,7 +130,8 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         # Features in the LLM hidden size, one tensor per image; pass 2 re-weights these same values.
         projected = {name: self.branch_projector(name).project_features(f) for name, f in features.items()}
         pad_masks = {name: self._branch_pad_mask(name, input_ids, projected[name]) for name in projected}
-        action_masks = self._action_masks(input_ids)
+        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+        action_masks = self._action_masks(input_ids, continuing)
         language_model_inputs = {"position_ids": position_ids, "attention_mask": attention_mask}
 
         if config.num_inner_forward_run == 1:
@@ -193,6 +194,75 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             attentions=outputs.attentions,
             rope_deltas=self.model.rope_deltas,
         )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config=None,
+        logits_processor=None,
+        streamer=None,
+        processor=None,
+        vpt_images=None,
+        vpt_image_sizes: torch.Tensor | None = None,
+        allow_perception: bool = True,
+        max_perception_rounds: int = 1,
+        **kwargs,
+    ):
+        r"""Answer with Visual Perception Tokens in one call (method.md section 4; ``vpt_plugin.generation``).
+
+        Takes what Qwen2-VL's ``generate`` takes for a batch of prompts (``input_ids``,
+        ``attention_mask``, ``pixel_values``, ``image_grid_thw``, generation settings), plus:
+        ``logits_processor``: applied after the ones the generation settings make, as in
+        transformers. ``processor``: the model's processor (crops, branch images and the perception turn need
+        it; LLaMA-Factory sets ``model.vpt_perception`` instead); ``vpt_images``: each row's
+        original image (PIL, or None for a row without one), which crops and branches read;
+        ``allow_perception=False``: never start a perception (its tokens are suppressed), to
+        measure what VPT adds; ``max_perception_rounds``: perceptions per answer (1, as published).
+
+        Returns the prompts followed by each row's final answer (right-padded), or with
+        ``return_dict_in_generate=True`` a :class:`VPTGenerateOutput` holding each row's trace
+        too; ``model.vpt_last_traces`` keeps the traces of the last call.
+        """
+        from .generation import DecodeSettings, PerceptionInputs, VPTGenerateOutput, VPTGenerator
+
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        model_kwargs = generation_config.update(**kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise VPTInputError("VPT generation needs input_ids (the prompts)")
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        image_grid_thw = model_kwargs.pop("image_grid_thw", None)
+        model_kwargs.pop("mm_token_type_ids", None)  # positions are recomputed from the tokens
+        model_kwargs.pop("use_cache", None)
+        branch_keys = [k for b in BRANCHES.values() for k in (b.pixel_key, *b.extra_inputs()) if k in model_kwargs]
+        if branch_keys:
+            raise VPTInputError(
+                f"generation prompts take base images only; got {branch_keys}: the model asks for branch images itself"
+            )
+        if model_kwargs:
+            raise VPTInputError(f"VPT generation does not take {sorted(model_kwargs)}")
+        perception_inputs = PerceptionInputs(processor) if processor is not None else getattr(self, "vpt_perception", None)
+        if perception_inputs is None:
+            raise VPTInputError("VPT generation needs the model's processor: generate(..., processor=processor)")
+        images = _images_per_row(vpt_images, vpt_image_sizes, input_ids.shape[0])
+        settings = DecodeSettings.from_config(generation_config, input_ids.shape[1], logits_processor)
+        generator = VPTGenerator(self, perception_inputs, settings, allow_perception, max_perception_rounds, streamer)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        rows = generator.run(input_ids, attention_mask, pixel_values, image_grid_thw, images)
+        if streamer is not None:
+            streamer.end()
+        longest = max(len(row.answer) for row in rows)
+        answers = torch.full((len(rows), longest), settings.pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        for b, row in enumerate(rows):
+            answers[b, : len(row.answer)] = torch.tensor(row.answer, dtype=input_ids.dtype)
+        sequences = torch.cat([input_ids, answers], dim=1)
+        self.vpt_last_traces = [row.trace.to_dict() for row in rows]
+        if generation_config.return_dict_in_generate:
+            return VPTGenerateOutput(sequences=sequences, traces=self.vpt_last_traces)
+        return sequences
 
     def _projector_anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every trainable projector parameter.
@@ -263,10 +333,13 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             )
         return mask
 
-    def _action_masks(self, input_ids) -> dict[str, torch.Tensor]:
+    def _action_masks(self, input_ids, continuing: bool = False) -> dict[str, torch.Tensor]:
         """Branch name -> mask of its ``<|B_action|>`` tokens, for every branch whose ids are set.
 
         Each must follow its ``<|B_action_start|>``, whose pass-1 state becomes its control state.
+        When decoding continues a cache (``continuing``), an action token first in the input has
+        its action start in the cache, where no state can be read: it is plain text, as generation
+        treats action tokens it does not act on.
         """
         masks = {}
         for name in BRANCHES:
@@ -274,6 +347,8 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             if ids["action"] is None:
                 continue
             mask = input_ids == ids["action"]
+            if continuing:
+                mask[:, 0] = False
             if not mask.any():
                 continue
             after_start = torch.zeros_like(mask)
@@ -345,6 +420,23 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     @staticmethod
     def _scatter(inputs_embeds, mask, values):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), values.to(inputs_embeds.dtype))
+
+
+def _images_per_row(images, sizes, batch: int) -> list:
+    """Each row's original image as PIL: from a list, or from the uint8 ``(rows, H, W, 3)`` tensor
+    LLaMA-Factory's inputs carry (``sizes``: each row's height and width; 0 for no image)."""
+    from PIL import Image
+
+    if images is None:
+        return [None] * batch
+    if isinstance(images, torch.Tensor):
+        found = []
+        for pixels, (height, width) in zip(images, sizes.tolist()):
+            found.append(Image.fromarray(pixels[:height, :width].cpu().numpy()) if height and width else None)
+        images = found
+    if len(images) != batch:
+        raise VPTInputError(f"vpt_images has {len(images)} entries for {batch} prompts (one per row, None for none)")
+    return list(images)
 
 
 class VRTQwen2VLForConditionalGeneration(VPTQwen2VLForConditionalGeneration):

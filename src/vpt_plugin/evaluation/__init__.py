@@ -1,0 +1,1 @@
+"""Scoring of VPT answers: offline metrics and the paper's LLM judge."""
