@@ -1,4 +1,4 @@
-"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt data``, ``vpt convert``."""
+"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt data``, ``vpt convert``, ``vpt infer``."""
 
 import argparse
 import json
@@ -83,6 +83,24 @@ def _convert(args) -> None:
     print(f"converted {args.src} -> {out}")
 
 
+def _infer(args) -> None:
+    from .inference import answer_questions, draw_regions, load_vpt_model
+
+    model, processor = load_vpt_model(args.model, device=args.device)
+    [answer] = answer_questions(model, processor, [(str(args.image), args.question)], max_new_tokens=args.max_new_tokens,
+                                allow_perception=not args.no_perception, image_max_pixels=args.image_max_pixels)
+    for number, perception in enumerate(answer.trace["rounds"]):
+        boxes = f" boxes (pixels) {perception['pixel_boxes']}" if "pixel_boxes" in perception else ""
+        print(f"perception {number}: {perception['kind']} {perception['tokens']}{boxes}")
+    if answer.trace["problem"]:
+        print(f"note: {answer.trace['problem']}")
+    if any("pixel_boxes" in p for p in answer.trace["rounds"]):
+        out = args.regions_image or args.image.with_name(f"{args.image.stem}_regions.png")
+        draw_regions(answer.image, answer.trace).save(out)
+        print(f"regions drawn on {out}")
+    print(answer.text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vpt", description="Visual Perception Token tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +147,17 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--detection-config", help="Dinov2Config JSON (default: dinov2-large)")
     convert.add_argument("--seg-config", help="SamVisionConfig JSON (default: sam-vit-large)")
     convert.set_defaults(run=_convert)
+
+    infer = commands.add_parser("infer", help="answer one question about one image with a VPT model")
+    infer.add_argument("question")
+    infer.add_argument("--model", required=True, help="VPT checkpoint directory or hub id")
+    infer.add_argument("--image", type=Path, required=True)
+    infer.add_argument("--max-new-tokens", type=int, default=128)
+    infer.add_argument("--image-max-pixels", type=int, default=512 * 512, help="resize larger images (published: 512^2)")
+    infer.add_argument("--no-perception", action="store_true", help="answer without Visual Perception Tokens")
+    infer.add_argument("--regions-image", type=Path, help="where to draw the chosen regions (default: IMAGE_regions.png)")
+    infer.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    infer.set_defaults(run=_infer)
 
     args = parser.parse_args(argv)
     try:

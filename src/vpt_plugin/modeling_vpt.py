@@ -243,7 +243,10 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             )
         if model_kwargs:
             raise VPTInputError(f"VPT generation does not take {sorted(model_kwargs)}")
-        perception_inputs = PerceptionInputs(processor) if processor is not None else getattr(self, "vpt_perception", None)
+        if processor is None:
+            perception_inputs = getattr(self, "vpt_perception", None)
+        else:
+            perception_inputs = processor if isinstance(processor, PerceptionInputs) else PerceptionInputs(processor)
         if perception_inputs is None:
             raise VPTInputError("VPT generation needs the model's processor: generate(..., processor=processor)")
         images = _images_per_row(vpt_images, vpt_image_sizes, input_ids.shape[0])

@@ -1,0 +1,263 @@
+"""``python evaluation/evaluation.py``: the VPT evaluation, as the paper reports it.
+
+For every model (and, with ``compare_no_perception``, the same model forced to answer
+without Visual Perception Tokens) and every dataset: answer each test question with the
+one-call loop, in batches; score it offline (exact match / VQA accuracy / ANLS / relaxed
+match) and, when a judge is configured, with the paper's LLM judge. Writes under
+``output_dir``:
+- ``<model>/<variant>/<dataset>/predictions.jsonl``: question, answer, reference, trace;
+- ``.../judge.jsonl``: the judge's score or why the answer is unscored;
+- ``.../scores.json``; ``summary.md``, ``summary.csv`` (one column per dataset plus the
+  average, as the paper's tables) and ``summary.png`` (a bar chart comparing models).
+Everything is appended item by item, so an interrupted run resumes where it stopped and
+finishes with the same results.
+"""
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from ..dataset import VPTDataError, split_crop
+from .judge import JudgeConfig, judge_answers, summarize
+from .metrics import default_metric, score
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = {"vpt": True, "no_vpt": False}  # variant name -> allow_perception
+# Text the released test splits add to the reference answer (the published evaluation strips it).
+REFERENCE_PREFIX = "Now answer the question.\n"
+
+
+def load_settings(args, repo: Path) -> dict:
+    """The YAML config (paths in it relative to the repository root ``repo``), overridden by flags."""
+    settings = {}
+    if args.config:
+        settings = yaml.safe_load(Path(args.config).read_text()) or {}
+        for key in ("output_dir", "dataset_dir"):
+            if key in settings:
+                settings[key] = str(_from_repo(settings[key], repo))
+        settings["models"] = {name: str(_from_repo(path, repo)) for name, path in (settings.get("models") or {}).items()}
+    for option in args.model or []:
+        name, _, path = option.partition("=")
+        if not path:
+            raise SystemExit(f"--model takes NAME=PATH, got {option!r}")
+        settings.setdefault("models", {})[name] = path
+    if args.dataset:
+        settings["datasets"] = args.dataset
+    for key in ("output_dir", "limit", "batch_size", "device", "image_max_pixels"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.compare_no_perception:
+        settings["compare_no_perception"] = True
+    settings.setdefault("dataset_dir", str(repo / "data"))
+    settings.setdefault("output_dir", "outputs/evaluation")
+    settings.setdefault("batch_size", 8)
+    settings.setdefault("image_max_pixels", 512 * 512)
+    missing = [key for key in ("models", "datasets") if not settings.get(key)]
+    if missing:
+        raise SystemExit(f"evaluation: no {' and no '.join(missing)} (give --config or --model/--dataset)")
+    return settings
+
+
+def _from_repo(path: str, repo: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else repo / path
+
+
+def dataset_file(name: str, dataset_dir: Path) -> Path:
+    """A dataset by its dataset_info.json name, or a path to a file in the released format."""
+    if Path(name).suffix in (".json", ".jsonl"):
+        return Path(name) if Path(name).is_file() else dataset_dir / name
+    info = json.loads((dataset_dir / "dataset_info.json").read_text())
+    if name not in info:
+        raise SystemExit(f"dataset {name!r} is neither a file nor a name in {dataset_dir / 'dataset_info.json'}")
+    return dataset_dir / info[name]["file_name"]
+
+
+def read_items(path: Path, dataset_dir: Path, limit: int | None) -> list[dict]:
+    """Test questions of a released-format file: first user turn, its first image, final answer."""
+    if not path.is_file():
+        raise SystemExit(f"dataset file {path} not found (released splits: see configs/README.md for the download)")
+    text = path.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+    items = []
+    for index, row in enumerate(rows[:limit] if limit else rows):
+        messages = row.get("messages") or []
+        if len(messages) < 2 or messages[0].get("role") != "user":
+            raise VPTDataError(f"{path}, row {index}: messages: needs a user question and a final answer")
+        images = row.get("images") or []
+        image = None
+        if images:
+            file, _ = split_crop(images[0])
+            image = str(dataset_dir / images[0]) if (dataset_dir / file).is_file() else images[0]
+        reference = messages[-1]["content"].replace(REFERENCE_PREFIX, "")
+        items.append({"index": index, "question": messages[0]["content"], "image": image, "reference": reference})
+    return items
+
+
+def read_jsonl(path: Path) -> dict[int, dict]:
+    """Lines already written, by item index; a line cut short by an interruption is dropped."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["index"]] = record
+    return done
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+
+
+def _rewrite_complete(path: Path, done: dict) -> None:
+    # Drop a line cut short by an interruption before appending after it.
+    if path.is_file():
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+
+
+def predict(model, processor, items, out: Path, settings: dict, allow_perception: bool, desc: str) -> list[dict]:
+    from ..inference import answer_questions
+
+    done = read_jsonl(out)
+    _rewrite_complete(out, done)
+    todo = [item for item in items if item["index"] not in done]
+    size = settings["batch_size"]
+    generation = settings.get("generation") or {}
+    for start in tqdm(range(0, len(todo), size), desc=desc, unit="batch"):
+        chunk = todo[start : start + size]
+        answers = answer_questions(model, processor, [(i["image"], i["question"]) for i in chunk], batch_size=size,
+                                   allow_perception=allow_perception, image_max_pixels=settings["image_max_pixels"],
+                                   **generation)
+        records = [{**item, "answer": answer.text, "trace": answer.trace} for item, answer in zip(chunk, answers)]
+        append_jsonl(out, records)
+        done.update((r["index"], r) for r in records)
+    return [done[item["index"]] for item in items]
+
+
+def judge(predictions: list[dict], out: Path, config: JudgeConfig) -> list[dict]:
+    done = read_jsonl(out)
+    _rewrite_complete(out, done)
+    # Unscored answers are asked again on a re-run; scored ones are kept.
+    todo = [p for p in predictions if p["index"] not in done or done[p["index"]]["score"] is None]
+    results = judge_answers([{k: p[k] for k in ("question", "answer", "reference")} for p in todo], config)
+    records = [{"index": p["index"], "score": r.score, "error": r.error, "attempts": r.attempts}
+               for p, r in zip(todo, results)]
+    append_jsonl(out, records)
+    done.update((r["index"], r) for r in records)
+    return [done[p["index"]] for p in predictions]
+
+
+def evaluate(settings: dict) -> dict:
+    """Run every model, variant and dataset; returns ``{row label: {dataset: score}}``."""
+    from ..inference import load_vpt_model
+
+    output_dir = Path(settings["output_dir"])
+    dataset_dir = Path(settings["dataset_dir"])
+    judge_config = JudgeConfig.from_settings(settings["judge"]) if settings.get("judge") else None
+    variants = VARIANTS if settings.get("compare_no_perception") else {"vpt": True}
+    table = {}
+    for model_name, model_path in settings["models"].items():
+        model, processor = load_vpt_model(model_path, device=settings.get("device"))
+        for variant, allow_perception in variants.items():
+            label = model_name if variant == "vpt" else f"{model_name} (no VPT)"
+            table[label] = {}
+            for dataset in settings["datasets"]:
+                name = Path(dataset).stem
+                out = output_dir / model_name / variant / name
+                out.mkdir(parents=True, exist_ok=True)
+                items = read_items(dataset_file(dataset, dataset_dir), dataset_dir, settings.get("limit"))
+                predictions = predict(model, processor, items, out / "predictions.jsonl", settings, allow_perception,
+                                      f"{label} / {name}")
+                scores = score_predictions(predictions, name, settings, judge_config, out)
+                (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+                table[label][name] = scores["judge_mean"] if judge_config else scores["metric_mean"]
+    write_summary(table, output_dir, "LLM judge" if judge_config else "offline metric")
+    return table
+
+
+def score_predictions(predictions, dataset_name, settings, judge_config, out: Path) -> dict:
+    metric = settings.get("metric") or default_metric(dataset_name)
+    per_item = [score(metric, p["answer"], p["reference"]) for p in predictions]
+    scores = {
+        "items": len(predictions),
+        "metric": metric,
+        "metric_mean": sum(per_item) / len(per_item) if per_item else None,
+        "perceived": sum(bool(p["trace"]["rounds"]) for p in predictions),
+        "malformed": sum(bool(p["trace"]["problem"]) for p in predictions),
+    }
+    if judge_config:
+        from .judge import JudgeResult
+
+        judged = judge(predictions, out / "judge.jsonl", judge_config)
+        summary = summarize([JudgeResult(j["score"], None, j["error"], j["attempts"]) for j in judged])
+        scores.update(judge_mean=summary["mean_score"], judge_scored=summary["scored"],
+                      judge_unscored=summary["unscored"], judge_errors=summary["errors"])
+    return scores
+
+
+def write_summary(table: dict, output_dir: Path, what: str) -> None:
+    """The paper's layout: one row per model, one column per dataset, then the average."""
+    datasets = list(dict.fromkeys(d for row in table.values() for d in row))
+    rows = []
+    for label, scores in table.items():
+        values = [scores.get(d) for d in datasets]
+        known = [v for v in values if v is not None]
+        rows.append([label, *values, sum(known) / len(known) if known else None])
+    header = ["model", *datasets, "Average"]
+    show = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([row[0], *map(show, row[1:])]) + " |" for row in rows]
+    markdown = f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n"
+    (output_dir / "summary.md").write_text(markdown)
+    with open(output_dir / "summary.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows([[row[0], *("" if v is None else f"{v:.6f}" for v in row[1:])] for row in rows])
+    _bar_chart(rows, header, output_dir / "summary.png", what)
+    print(markdown)
+
+
+def _bar_chart(rows, header, path: Path, what: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = header[1:]
+    width = 0.8 / max(len(rows), 1)
+    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(len(rows), 1) / 2 + 2), 4))
+    for k, row in enumerate(rows):
+        values = [0 if v is None else 100 * v for v in row[1:]]
+        axes.bar([g + k * width for g in range(len(groups))], values, width, label=row[0])
+    axes.set_xticks([g + width * (len(rows) - 1) / 2 for g in range(len(groups))], groups, rotation=20, ha="right")
+    axes.set_ylabel(f"score ({what}, x100)")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None, repo: Path = Path.cwd()) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate VPT models (two-round VPT answers, scored)")
+    parser.add_argument("--config", help="YAML with models, datasets and settings (see evaluation/evaluation.yaml)")
+    parser.add_argument("--model", action="append", help="NAME=PATH of a VPT checkpoint; repeatable")
+    parser.add_argument("--dataset", action="append", help="dataset_info.json name or released-format file; repeatable")
+    parser.add_argument("--output-dir", dest="output_dir")
+    parser.add_argument("--limit", type=int, help="first N questions of each dataset")
+    parser.add_argument("--batch-size", dest="batch_size", type=int)
+    parser.add_argument("--image-max-pixels", dest="image_max_pixels", type=int)
+    parser.add_argument("--device")
+    parser.add_argument("--compare-no-perception", action="store_true",
+                        help="also answer with perception tokens suppressed, to measure what VPT adds")
+    logging.basicConfig(level=logging.WARNING)
+    evaluate(load_settings(parser.parse_args(argv), repo))

@@ -1,0 +1,110 @@
+"""Ask a VPT model questions from Python: load, answer in batches, draw the regions it chose.
+
+    from vpt_plugin.inference import load_vpt_model, answer_questions, draw_regions
+    model, processor = load_vpt_model("outputs/demo/clip_vpt")
+    [answer] = answer_questions(model, processor, [("photo.jpg", "What is on the sign?")])
+    answer.text, answer.trace          # the final answer; the perception the model used
+    draw_regions(answer.image, answer.trace).save("regions.png")
+"""
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from .conversation import encode_conversation
+from .dataset import open_image
+from .generation import PerceptionInputs, rgb
+from .vocabulary import IMAGE_PLACEHOLDER
+
+
+@dataclass
+class Answer:
+    text: str
+    trace: dict
+    image: Image.Image | None
+
+
+def load_vpt_model(path: str, device: str | None = None, dtype: torch.dtype | str = "auto"):
+    """A VPT checkpoint (directory or hub id) and its processor, in eval mode."""
+    import vpt_plugin  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    if device:
+        model = model.to(device)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def limit_pixels(image: Image.Image, max_pixels: int | None = None, min_pixels: int | None = None) -> Image.Image:
+    """Resize keeping the aspect ratio so ``min_pixels <= width * height <= max_pixels`` (LLaMA-Factory's rule)."""
+    image = rgb(image)
+    area = image.width * image.height
+    if max_pixels and area > max_pixels:
+        factor = math.sqrt(max_pixels / area)
+    elif min_pixels and area < min_pixels:
+        factor = math.sqrt(min_pixels / area)
+    else:
+        return image
+    return image.resize((max(int(image.width * factor), 1), max(int(image.height * factor), 1)))
+
+
+def answer_questions(model, processor, items, batch_size: int = 8, allow_perception: bool = True,
+                     image_max_pixels: int | None = None, progress: bool = False, **generation) -> list[Answer]:
+    """Answer ``(image, question)`` pairs (image: PIL, path, or None) with the one-call VPT loop.
+
+    The question is the first user turn, as in the released test splits; an ``<image>`` in it
+    marks where the image goes (default: before the question). ``generation``: settings for
+    ``generate`` (``max_new_tokens``, ``do_sample``, ...); greedy by default.
+    """
+    prepare = partial(limit_pixels, max_pixels=image_max_pixels)
+    perception = PerceptionInputs(processor, prepare_image=prepare)
+    generation = {"do_sample": False, "max_new_tokens": 128, **generation}
+    answers = []
+    batches = range(0, len(items), batch_size)
+    for start in tqdm(batches, desc="answering", disable=not progress):
+        chunk = items[start : start + batch_size]
+        images = [open_image(image) if isinstance(image, str) else image for image, _ in chunk]
+        answers += _answer_batch(model, perception, images, [q for _, q in chunk], allow_perception, generation)
+    return answers
+
+
+def _answer_batch(model, perception: PerceptionInputs, images, questions, allow_perception, generation) -> list[Answer]:
+    processor = perception.processor
+    encoded = []
+    for image, question in zip(images, questions):
+        if image is not None and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + question
+        shown = [perception.prepare_image(image)] if image is not None else None
+        messages = [{"role": "user", "content": question}]
+        encoded.append(encode_conversation(processor, model.config, messages, images=shown, add_generation_prompt=True))
+    pad = processor.tokenizer.pad_token_id
+    length = max(len(e["input_ids"]) for e in encoded)
+    inputs = {
+        "input_ids": torch.tensor([[pad] * (length - len(e["input_ids"])) + e["input_ids"] for e in encoded]),
+        "attention_mask": torch.tensor([[0] * (length - len(e["input_ids"])) + [1] * len(e["input_ids"]) for e in encoded]),
+    }
+    with_image = [e for e in encoded if "pixel_values" in e]
+    if with_image:
+        inputs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
+        inputs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_image])
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(**inputs, processor=perception, vpt_images=images, allow_perception=allow_perception,
+                         return_dict_in_generate=True, **generation)
+    texts = processor.tokenizer.batch_decode(out.sequences[:, length:], skip_special_tokens=True)
+    return [Answer(text.strip(), trace, image) for text, trace, image in zip(texts, out.traces, images)]
+
+
+def draw_regions(image: Image.Image, trace: dict, colour: str = "red") -> Image.Image:
+    """A copy of ``image`` with every region the model chose drawn (its crop, in pixels)."""
+    drawn = rgb(image).copy()
+    pen = ImageDraw.Draw(drawn)
+    width = max(2, min(drawn.size) // 100)
+    for perception_round in trace.get("rounds", []):
+        for i, box in enumerate(perception_round.get("pixel_boxes", [])):
+            pen.rectangle(box, outline=colour, width=width)
+            pen.text((box[0] + width + 1, box[1] + width), f"region {i}", fill=colour)
+    return drawn
