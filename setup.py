@@ -50,6 +50,10 @@ setup(
         "tokenizers",
         "pillow",
         "pyyaml",
+        # LLaMA-Factory's predict_with_generate metrics import these.
+        "jieba",
+        "nltk",
+        "rouge-chinese",
         # The LLM judge (vpt_plugin.evaluation.judge) talks to any OpenAI-compatible endpoint.
         "openai>=1.40",
     ],

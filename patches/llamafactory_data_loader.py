@@ -1,8 +1,10 @@
 """Patch of ``llamafactory.data.loader``: the ``vpt_sharegpt`` converter learns each row's index.
 
 What changes: for datasets with ``formatting: vpt_sharegpt``, ``align_dataset`` maps the
-converter with ``with_indices=True``, so a bad row's error names its index. Other
-formattings go through upstream ``align_dataset`` unchanged.
+converter with ``with_indices=True``, so a bad row's error names its index, and with
+``predict_with_generate`` tells the converter to keep each row's question and final answer
+only (the model runs its own perception turns). Other formattings go through upstream
+``align_dataset`` unchanged.
 
 Why no public hook serves: converters are called one example at a time by
 ``llamafactory.data.converter.align_dataset`` with no index; ``_load_single_dataset`` calls
@@ -38,6 +40,7 @@ def apply_data_loader_patch(loader) -> None:
                 desc="Converting format of dataset",
             )
         dataset_converter = converter.get_dataset_converter(dataset_attr.formatting, dataset_attr, data_args)
+        dataset_converter.question_only = bool(getattr(training_args, "predict_with_generate", False))
         return dataset.map(dataset_converter, batched=False, with_indices=True, remove_columns=column_names, **kwargs)
 
     loader.align_dataset = align_dataset

@@ -6,7 +6,9 @@ What changes (each a wrapper around the upstream function of the same name, look
 - ``load_config``: a VPT config (from ``customize_model_class: vpt`` or the checkpoint) with
   the recipe's VPT knobs.
 - ``patch_config``: the config's VPT token ids are filled or checked against the tokenizer.
-- ``patch_model``: a new VPT model's encoder weights and new token rows.
+- ``patch_model``: a new VPT model's encoder weights and new token rows; a VPT model keeps
+  its own ``generate`` (upstream swaps in transformers' plain one), and one loaded for
+  inference gets what one-call VPT generation needs (``model.vpt_perception``).
 - ``init_adapter``: ``finetuning_type: freefreeze`` module lists.
 
 Why no public hook serves: LLaMA-Factory picks the config and model class from the
@@ -45,6 +47,7 @@ def apply_model_loader_patch(loader) -> None:
     def patch_model(model, tokenizer, model_args, is_trainable, add_valuehead):
         upstream["patch_model"](model, tokenizer, model_args, is_trainable, add_valuehead)
         model_loading.finish_new_model(model, tokenizer, model_args)
+        model_loading.enable_generation(model, model_args, is_trainable)
 
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         model = upstream["init_adapter"](config, model, model_args, finetuning_args, is_trainable)

@@ -32,6 +32,7 @@ ON_IMPORT = {
     "llamafactory.data.parser": "vpt_plugin.patches.llamafactory_data_parser:apply_data_parser_patch",
     "llamafactory.data.loader": "vpt_plugin.patches.llamafactory_data_loader:apply_data_loader_patch",
     "llamafactory.train.sft.workflow": "vpt_plugin.patches.llamafactory_train_sft_workflow:apply_sft_workflow_patch",
+    "llamafactory.train.sft.trainer": "vpt_plugin.patches.llamafactory_train_sft_trainer:apply_sft_trainer_patch",
 }
 
 

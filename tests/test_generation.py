@@ -252,3 +252,25 @@ def test_generate_names_what_it_cannot_take(model, processor):
         model.generate(**inputs, processor=processor, detection_images=torch.zeros(1, 3, 224, 224), max_new_tokens=2)
     with pytest.raises(VPTInputError, match="num_beams"):
         model.generate(**inputs, processor=processor, num_beams=2, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("first_turn", [RS + "<|x_2|><|y_5|>" + RE + END, "<|clip_action_start|>"])
+def test_the_answer_continues_round_one_without_computing_any_position_twice(model, processor, first_turn):
+    image = Image.new("RGB", (224, 224), (60, 60, 160))
+    batch = prompt_batch(processor, model.config, ["Once?"], [image])
+    script = ScriptedTurns(processor.tokenizer)
+    script.add(batch["prompts"][0], {0: first_turn})
+    computed = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: computed.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    settings = DecodeSettings.from_config(model.generation_config, 0, script.as_list())
+    settings.max_new_tokens, settings.do_sample = MAX_NEW_TOKENS, False
+    try:
+        with torch.no_grad():
+            [row] = VPTGenerator(model, PerceptionInputs(processor), settings, True, 1).run(
+                batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"], [image])
+    finally:
+        hook.remove()
+    assert len(row.trace.rounds) == 1
+    # Every token of the final sequence but the last one chosen is computed exactly once.
+    assert sum(computed) == len(row.tokens) - 1

@@ -3,7 +3,9 @@
 Offline and on CPU: tiny random models (``vpt tiny``), the demo dataset (``data/demo``), and
 the recipes of ``configs/demo`` in order (each branch's alignment, then VPT tuning; full and
 LoRA). After each run it checks that the loss fell and reloads the saved model through
-LLaMA-Factory's own loader to compute its loss on the test split again.
+LLaMA-Factory's own loader to compute its loss on the test split again. Last, it evaluates
+the trained VPT models on the demo test splits (``evaluation/demo.yaml``), with and without
+Visual Perception Tokens, and prints the table.
 """
 
 import argparse
@@ -77,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=Path, default=Path("configs/demo"))
     parser.add_argument("--tiny", type=Path, default=Path("outputs/tiny"), help="where `vpt tiny` wrote its models")
+    parser.add_argument("--evaluation", type=Path, default=Path("evaluation/demo.yaml"), help="evaluation settings")
     args = parser.parse_args()
     if not (args.tiny / "qwen2-vl" / "config.json").is_file():
         from .tiny import build_tiny_fixtures
@@ -99,6 +102,10 @@ def main() -> None:
         print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} logs, {time.perf_counter() - t0:.0f}s; "
               f"reloaded from {output_dir}: test loss {reloaded:.3f}", flush=True)
     print(f"all {len(DEMO_RECIPES)} demo recipes trained, saved and reloaded in {time.perf_counter() - started:.0f}s")
+    print("== evaluation: the trained VPT models on the demo test splits, with VPT and with it suppressed", flush=True)
+    from .evaluation.runner import main as evaluate
+
+    evaluate(["--config", str(args.evaluation)], repo=Path.cwd())
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         if input_ids is None:
             raise VPTInputError("the VPT forward pass needs input_ids to find its tokens")
         branch_inputs = self._pop_branch_inputs(kwargs)
+        # Inputs for generation (each row's original image), which LLaMA-Factory's inference-time
+        # plugin also hands to loss-only evaluation.
+        kwargs.pop("vpt_images", None)
+        kwargs.pop("vpt_image_sizes", None)
         if self.training and is_deepspeed_zero3_enabled():
             absent = [name for name in config.vision_encoder_ls if name not in branch_inputs]
             if absent:
@@ -236,6 +240,9 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         image_grid_thw = model_kwargs.pop("image_grid_thw", None)
         model_kwargs.pop("mm_token_type_ids", None)  # positions are recomputed from the tokens
         model_kwargs.pop("use_cache", None)
+        if model_kwargs.pop("synced_gpus", False):
+            # Ranks would decode different numbers of steps, which ZeRO-3's collective gathers cannot.
+            raise VPTInputError("VPT generation cannot run under DeepSpeed ZeRO-3; predict with ZeRO-0/2 or one process")
         branch_keys = [k for b in BRANCHES.values() for k in (b.pixel_key, *b.extra_inputs()) if k in model_kwargs]
         if branch_keys:
             raise VPTInputError(

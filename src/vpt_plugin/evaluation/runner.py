@@ -54,6 +54,8 @@ def load_settings(args, repo: Path) -> dict:
             settings[key] = getattr(args, key)
     if args.compare_no_perception:
         settings["compare_no_perception"] = True
+    if args.max_new_tokens is not None:
+        settings["generation"] = {**(settings.get("generation") or {}), "max_new_tokens": args.max_new_tokens}
     settings.setdefault("dataset_dir", str(repo / "data"))
     settings.setdefault("output_dir", "outputs/evaluation")
     settings.setdefault("batch_size", 8)
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None, repo: Path = Path.cwd()) -> None:
     parser.add_argument("--limit", type=int, help="first N questions of each dataset")
     parser.add_argument("--batch-size", dest="batch_size", type=int)
     parser.add_argument("--image-max-pixels", dest="image_max_pixels", type=int)
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="per turn (default 128)")
     parser.add_argument("--device")
     parser.add_argument("--compare-no-perception", action="store_true",
                         help="also answer with perception tokens suppressed, to measure what VPT adds")

@@ -82,6 +82,7 @@ class VPTArguments:
     builds_from_base: bool = field(default=False, init=False)
     new_token_ids: list | None = field(default=None, init=False)
     rows_before: int | None = field(default=None, init=False)
+    processor: object = field(default=None, init=False, repr=False)  # kept for generation (model_loading)
 
     def __post_init__(self):
         if self.customize_model_class not in (None, "None", VPT_MODEL_CLASS):

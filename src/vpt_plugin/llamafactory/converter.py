@@ -20,6 +20,10 @@ FORMATTING = "vpt_sharegpt"
 
 @dataclass
 class VPTSharegptDatasetConverter(SharegptDatasetConverter):
+    # With predict_with_generate a row becomes its question and final answer (the model runs
+    # its own perception turns), as the published evaluation's first round; set by the loader patch.
+    question_only: bool = False
+
     def _find_medias(self, medias):
         # Upstream joins media_dir when the joined path is a file (and warns otherwise); a crop
         # suffix must be split off for that test. Bad suffixes are reported with their row below.
@@ -53,6 +57,8 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         if problems:
             raise VPTDataError(f"{where}: " + "; ".join(problems))
 
+        if self.question_only:
+            example, images = self._question_and_answer(example, images, columns)
         aligned = super().__call__(example)
         queues = {column: list(images[column] or []) for column in images}
         merged = []
@@ -61,6 +67,25 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
                 merged.append(queues[image_columns()[placeholder]].pop(0))
         aligned["_images"] = merged or None
         return aligned
+
+
+    def _question_and_answer(self, example, images, columns):
+        """The row cut to its first user turn and final answer, with the first turn's images only."""
+        messages = example[self.dataset_attr.messages]
+        tag, content = self.dataset_attr.role_tag, self.dataset_attr.content_tag
+        first = next(i for i, m in enumerate(messages) if m[tag] == self.dataset_attr.user_tag)
+        if len(messages) - first <= 2:
+            return example, images
+        kept = [*messages[: first + 1], messages[-1]]
+        used = {column: 0 for column in images}
+        for placeholder in placeholders_in(str(messages[first][content])):
+            used[image_columns()[placeholder]] += 1
+        images = {column: (found or [])[: used[column]] or None for column, found in images.items()}
+        example = {**example, self.dataset_attr.messages: kept}
+        for column, key in columns.items():
+            if key:
+                example[key] = (example[key] or [])[: used[column]] or None
+        return example, images
 
 
 def branch_columns_for(formatting: str, columns: dict, dataset_name: str) -> dict[str, str | None]:

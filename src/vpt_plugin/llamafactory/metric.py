@@ -3,7 +3,7 @@
 ``<|B_action|>`` tokens are left out of every figure: the model never predicts them (their
 labels are ignored in the loss; generation writes them). LLaMA-Factory builds its metric
 with no arguments after loading the tokenizer, so the loader hands the token ids over
-(:func:`configure_metric`) for the run.
+(:func:`vpt_plugin.llamafactory.metric_tokens.configure_metric`) for the run.
 """
 
 from dataclasses import dataclass
@@ -13,37 +13,8 @@ from transformers import EvalPrediction
 from llamafactory.extras.misc import numpify
 from llamafactory.train.sft.metric import ComputeAccuracy
 
-from ..branches import get_branch
 from ..modeling_vpt import IGNORE_INDEX
-from ..vocabulary import region_tokens
-
-# For the current run: metric name -> token id, and the ids of the <|B_action|> tokens.
-_CLASS_TOKENS: dict[str, int] = {}
-_ACTION_IDS: set[int] = set()
-
-
-def configure_metric(tokenizer, vpt_args, branch_names) -> None:
-    """Choose the tokens reported one by one (``class_set``, or every VPT token the model predicts)."""
-    _CLASS_TOKENS.clear()
-    vocab = tokenizer.get_vocab()
-    actions = [get_branch(name).tokens.action for name in branch_names]
-    _ACTION_IDS.clear()
-    _ACTION_IDS.update(vocab[token] for token in actions if token in vocab)
-    if not vpt_args.compute_classwise_accuracy:
-        return
-    tokens = vpt_args.class_tokens
-    if not tokens:
-        tokens = region_tokens()
-        for name in branch_names:
-            branch_tokens = get_branch(name).tokens
-            tokens += [branch_tokens.action_start, branch_tokens.action_end]
-    unknown = [token for token in tokens if token not in vocab]
-    if unknown:
-        raise ValueError(f"recipe key class_set: {unknown} are not tokens of this tokenizer")
-    for token in tokens:
-        if token not in actions:
-            _CLASS_TOKENS["accuracy_" + token.strip("<|>")] = vocab[token]
-
+from .metric_tokens import _ACTION_IDS, _CLASS_TOKENS
 
 @dataclass
 class VPTTokenAccuracy(ComputeAccuracy):

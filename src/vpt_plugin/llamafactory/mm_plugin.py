@@ -10,6 +10,7 @@ that branch's ``<|B_image_pad|>``. In a batch, the token ids say which image is 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from llamafactory.data.mm_plugin import Qwen2VLPlugin
 
 from ..branches import BRANCHES, get_branch
@@ -102,7 +103,38 @@ class VPTQwen2VLPlugin(Qwen2VLPlugin):
         for name in dict.fromkeys(kind for kind in kinds if kind is not None):
             branch_images = [image for image, kind in zip(images, kinds) if kind == name]
             mm_inputs.update(get_branch(name).preprocess(self._branch_images(name, branch_images, processor), processor))
+        if getattr(processor, "vpt_generation", False):
+            mm_inputs.update(self._source_images(images, kinds, imglens))
         return mm_inputs
+
+    def _source_images(self, images, kinds, imglens) -> dict:
+        """Each row's first base image at full resolution, for the crops and branches generation runs.
+
+        As one uint8 tensor ``(rows, H, W, 3)`` (zero-padded) and each row's ``(height, width)``:
+        LLaMA-Factory's chat engine turns every model input into a tensor.
+        """
+        sources, start = [], 0
+        for count in imglens:
+            row = [image for image, kind in zip(images[start : start + count], kinds[start : start + count]) if kind is None]
+            start += count
+            found = self._regularize_images(row[:1], image_max_pixels=float("inf"), image_min_pixels=0)["images"]
+            sources.append(np.asarray(found[0].convert("RGB")) if found else np.zeros((0, 0, 3), dtype=np.uint8))
+        height = max(1, *(s.shape[0] for s in sources))
+        width = max(1, *(s.shape[1] for s in sources))
+        pixels = np.zeros((len(sources), height, width, 3), dtype=np.uint8)
+        for row, source in enumerate(sources):
+            pixels[row, : source.shape[0], : source.shape[1]] = source
+        sizes = [[s.shape[0], s.shape[1]] for s in sources]
+        return {"vpt_images": torch.from_numpy(pixels), "vpt_image_sizes": torch.tensor(sizes)}
+
+    def prepare_for_generation(self, processor):
+        """How generation prepares crops and clip images: with this template's resolution options."""
+        limits = self._clip_resolution(processor)
+
+        def prepare(image):
+            return self._regularize_images([image], **limits)["images"][0]
+
+        return prepare
 
     def _image_kinds(self, batch_ids, processor, config) -> list[str | None]:
         """Each image's branch (None: a base image), read from the pad token after each vision start."""

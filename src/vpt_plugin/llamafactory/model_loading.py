@@ -18,6 +18,7 @@ from ..branches import get_branch
 from ..checkpoint import NOT_CONFIG_FIELDS, add_vpt_tokens, check_token_ids, init_new_token_rows, load_strict, vpt_token_ids
 from ..configuration_vpt import VPTQwen2VLConfig
 from .arguments import VPT_MODEL_CLASS, VPTArguments
+from .metric_tokens import configure_metric
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,30 @@ def vpt_config(config, model_args):
     return config
 
 
+def enable_generation(model, model_args, is_trainable: bool) -> None:
+    """A VPT model loaded for inference (chat, api, predict) generates with the one-call loop.
+
+    The processor (kept by :func:`prepare_tokenizer`) hands generation each row's original
+    image, and the model gets what it needs to crop and re-encode (``model.vpt_perception``).
+    """
+    if not isinstance(model.config, VPTQwen2VLConfig):
+        return
+    # LLaMA-Factory's patch_model replaces a model's own `generate` with transformers' plain one
+    # (for remote-code models); VPT models keep theirs.
+    vars(model).pop("generate", None)
+    processor = getattr(vpt_arguments(model_args), "processor", None)
+    if is_trainable or processor is None:
+        return
+    from llamafactory.data.mm_plugin import get_mm_plugin
+
+    from ..generation import PerceptionInputs
+    from .mm_plugin import PLUGIN_NAME
+
+    plugin = get_mm_plugin(PLUGIN_NAME, image_token="<|image_pad|>", video_token="<|video_pad|>")
+    processor.vpt_generation = True
+    model.vpt_perception = PerceptionInputs(processor, prepare_image=plugin.prepare_for_generation(processor))
+
+
 def set_token_ids(config, tokenizer) -> None:
     """Fill the config's missing VPT token ids from the tokenizer; check the ones it has against it."""
     if not isinstance(config, VPTQwen2VLConfig):
@@ -94,12 +119,10 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
     vpt.rows_before = len(tokenizer)
     vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls)
     set_token_ids(config, tokenizer)
-    # Imported here: the metric module imports llamafactory.train, which imports this loader.
-    from .metric import configure_metric
-
     configure_metric(tokenizer, vpt, config.vision_encoder_ls)
     if processor is not None:
         processor.vpt_config = config
+        vpt.processor = processor
 
 
 def finish_new_model(model, tokenizer, model_args) -> None:
