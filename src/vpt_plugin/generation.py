@@ -167,7 +167,6 @@ class Row:
     reuse: int = 0  # tokens[:reuse] keep their cached keys and values in the next phase
     segment_done: bool = False
     truncated: bool = False
-    finished: bool = False
     answer: list = field(default_factory=list)
     trace: GenerationTrace = field(default_factory=GenerationTrace)
 
@@ -203,7 +202,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class VPTGenerator:
     """One ``generate`` call of a VPT model (see the module docstring)."""
 
-    def __init__(self, model, perception_inputs: PerceptionInputs | None, settings: DecodeSettings,
+    def __init__(self, model, perception_inputs: PerceptionInputs, settings: DecodeSettings,
                  allow_perception: bool, max_perception_rounds: int, streamer=None):
         self.model = model
         self.config = model.config
@@ -212,7 +211,7 @@ class VPTGenerator:
         self.allow_perception = allow_perception
         self.max_rounds = max_perception_rounds
         self.streamer = streamer
-        self.vocab = PerceptionVocabulary.from_model(model.config, perception_inputs.tokenizer) if perception_inputs else None
+        self.vocab = PerceptionVocabulary.from_model(model.config, perception_inputs.tokenizer)
         self.device = model.device
         self.cache = None
         self.mask = None  # (batch, cache columns): 1 where a column holds a real token
@@ -425,7 +424,7 @@ class VPTGenerator:
         return embeds
 
     def _actions_in_suffix(self, row: Row) -> list[int]:
-        actions = set(self.vocab.action.values()) if self.vocab else set()
+        actions = set(self.vocab.action.values())
         return [i for i in range(row.cached, len(row.tokens)) if row.tokens[i] in actions]
 
     def _place_controls(self, rows, embeds, length):
@@ -443,8 +442,6 @@ class VPTGenerator:
 
         ``computed[b]``: the token indices of row b whose states are the last columns of ``states[b]``.
         """
-        if self.vocab is None:
-            return
         length = states.shape[1]
         for b, (row, indices) in enumerate(zip(rows, computed)):
             for k, i in enumerate(indices):
@@ -455,7 +452,7 @@ class VPTGenerator:
 
     def _choose_next(self, rows: list[Row], states: torch.Tensor) -> None:
         logits = self.model.lm_head(states).float()
-        if self.vocab and not self.allow_perception:
+        if not self.allow_perception:
             logits[:, self.vocab.perception_starts()] = float("-inf")
         if self.settings.processors:
             history = torch.full((len(rows), max(len(r.tokens) for r in rows)), self.settings.pad_id, device=self.device)
@@ -483,7 +480,7 @@ class VPTGenerator:
                 row.segment_done = row.truncated = True
 
     def _may_perceive(self, row: Row) -> bool:
-        return self.allow_perception and self.vocab is not None and len(row.trace.rounds) < self.max_rounds
+        return self.allow_perception and len(row.trace.rounds) < self.max_rounds
 
     def _stream(self, row: Row, tokens: list[int]) -> None:
         # Tokens stream as soon as they can only be answer text; a turn that may still ask for
@@ -497,9 +494,9 @@ class VPTGenerator:
         """Decide what the finished turn asks for; returns whether the row goes on to another turn."""
         turn = row.tokens[row.segment_start :]
         body = [t for t in turn if t not in self.settings.eos_ids]
-        tokenizer = self.inputs.tokenizer if self.inputs else None
+        tokenizer = self.inputs.tokenizer
         if not row.trace.rounds:
-            row.trace.first_turn = tokenizer.decode(body, skip_special_tokens=False) if tokenizer else ""
+            row.trace.first_turn = tokenizer.decode(body, skip_special_tokens=False)
         perception = decide_turn(body, self.vocab, self.config, self._may_perceive(row), row.source is not None,
                                  row.truncated)
         if perception.problem:
@@ -508,7 +505,6 @@ class VPTGenerator:
             if self.streamer is not None and self._may_perceive(row):
                 self.streamer.put(torch.tensor(turn))
             row.answer = turn
-            row.finished = True
             row.trace.truncated = row.truncated
             return False
         self._append_perception_turn(row, perception, body)
