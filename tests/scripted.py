@@ -5,10 +5,9 @@ token ids), it forces the first tokens of given assistant turns; the model decid
 Both generation paths pass it the full token history, so both are scripted alike.
 """
 
-import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vpt_plugin.conversation import encode_conversation
+from vpt_plugin.conversation import collate_prompts, encode_conversation
 
 
 class ScriptedTurns(LogitsProcessor):
@@ -46,16 +45,7 @@ def prompt_batch(processor, config, questions: list[str], images: list) -> dict:
         messages = [{"role": "user", "content": content}]
         encoded.append(encode_conversation(processor, config, messages, images=[image] if image else None,
                                            add_generation_prompt=True))
-    length = max(len(e["input_ids"]) for e in encoded)
-    pad = processor.tokenizer.pad_token_id
-    batch = {
-        "input_ids": torch.tensor([[pad] * (length - len(e["input_ids"])) + e["input_ids"] for e in encoded]),
-        "attention_mask": torch.tensor([[0] * (length - len(e["input_ids"])) + [1] * len(e["input_ids"]) for e in encoded]),
-    }
-    with_images = [e for e in encoded if "pixel_values" in e]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    batch = collate_prompts(encoded, processor.tokenizer.pad_token_id)
     batch["prompts"] = [e["input_ids"] for e in encoded]
     batch["image_token_id"] = config.image_token_id
     return batch

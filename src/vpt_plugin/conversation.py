@@ -86,3 +86,17 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
     for key in sorted(visual_keys):
         batch[key] = torch.cat([e[key] for e in examples if key in e])
     return batch
+
+
+def collate_prompts(prompts: list[dict], pad_token_id: int) -> dict:
+    """Left-pad generation prompts (``encode_conversation(..., add_generation_prompt=True)``) into a batch."""
+    length = max(len(p["input_ids"]) for p in prompts)
+    batch = {
+        "input_ids": torch.tensor([[pad_token_id] * (length - len(p["input_ids"])) + p["input_ids"] for p in prompts]),
+        "attention_mask": torch.tensor([[0] * (length - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts]),
+    }
+    with_image = [p for p in prompts if "pixel_values" in p]
+    if with_image:
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_image])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_image])
+    return batch

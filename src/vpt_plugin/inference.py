@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .conversation import encode_conversation
+from .conversation import collate_prompts, encode_conversation
 from .dataset import open_image
 from .generation import PerceptionInputs, rgb
 from .vocabulary import IMAGE_PLACEHOLDER
@@ -81,20 +81,11 @@ def _answer_batch(model, perception: PerceptionInputs, images, questions, allow_
         shown = [perception.prepare_image(image)] if image is not None else None
         messages = [{"role": "user", "content": question}]
         encoded.append(encode_conversation(processor, model.config, messages, images=shown, add_generation_prompt=True))
-    pad = processor.tokenizer.pad_token_id
-    length = max(len(e["input_ids"]) for e in encoded)
-    inputs = {
-        "input_ids": torch.tensor([[pad] * (length - len(e["input_ids"])) + e["input_ids"] for e in encoded]),
-        "attention_mask": torch.tensor([[0] * (length - len(e["input_ids"])) + [1] * len(e["input_ids"]) for e in encoded]),
-    }
-    with_image = [e for e in encoded if "pixel_values" in e]
-    if with_image:
-        inputs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
-        inputs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_image])
+    inputs = collate_prompts(encoded, processor.tokenizer.pad_token_id)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, processor=perception, vpt_images=images, allow_perception=allow_perception,
                          return_dict_in_generate=True, **generation)
-    texts = processor.tokenizer.batch_decode(out.sequences[:, length:], skip_special_tokens=True)
+    texts = processor.tokenizer.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [Answer(text.strip(), trace, image) for text, trace, image in zip(texts, out.traces, images)]
 
 
