@@ -147,6 +147,34 @@ def decide_turn(body: list[int], vocab, config, may_perceive: bool, has_image: b
     return perception
 
 
+@dataclass
+class PerceptionTurn:
+    """What a perception adds: the replayed assistant turn, the user turn showing the perception
+    and the next assistant header (``ids``); the crops' image inputs for regions; the trace entry."""
+
+    ids: list
+    crops: tuple | None  # (pixel_values, image_grid_thw) of the region crops
+    round_trace: dict
+
+
+def perception_turn(perception: Perception, body: list[int], image, inputs: PerceptionInputs, config) -> PerceptionTurn:
+    """The turns a perception of ``image`` appends after the assistant turn ``body`` (published round-2 layout)."""
+    tokenizer = inputs.tokenizer
+    round_trace = {"kind": perception.kind, "tokens": tokenizer.decode(body, skip_special_tokens=False)}
+    crops = None
+    if perception.kind == REGION:
+        boxes = crop_boxes(perception, *image.size)
+        crops = inputs.crop_inputs([image.crop(box) for box in boxes])
+        merge = config.vision_config.spatial_merge_size
+        content = region_turn_content([int(g.prod()) // merge**2 for g in crops[1]])
+        round_trace.update(grid_boxes=[list(b) for b in perception.grid_boxes], pixel_boxes=[list(b) for b in boxes])
+    else:
+        images = inputs.branch_images(perception.kind, [image])
+        content = branch_turn_content(perception.kind, get_branch(perception.kind).feature_tokens(config, images, inputs.processor)[0])
+    text = assistant_turn_text(perception, tokenizer.decode(body, skip_special_tokens=True))
+    return PerceptionTurn(next_turn_ids(tokenizer, text, content), crops, round_trace)
+
+
 # ---------------------------------------------------------------------------- rows
 
 
@@ -511,25 +539,8 @@ class VPTGenerator:
         return True
 
     def _append_perception_turn(self, row: Row, perception: Perception, body: list[int]) -> None:
-        tokenizer = self.inputs.tokenizer
-        source = row.source
-        round_trace = {"kind": perception.kind, "tokens": tokenizer.decode(body, skip_special_tokens=False)}
-        if perception.kind == REGION:
-            boxes = crop_boxes(perception, *source.size)
-            crops = [source.crop(box) for box in boxes]
-            pixels, grids = self.inputs.crop_inputs(crops)
-            merge = self.config.vision_config.spatial_merge_size
-            counts = [int(g.prod()) // merge**2 for g in grids]
-            content = region_turn_content(counts)
-            new_images = list(zip(torch.split(pixels, [int(g.prod()) for g in grids]), grids))
-            round_trace.update(grid_boxes=[list(b) for b in perception.grid_boxes], pixel_boxes=[list(b) for b in boxes])
-        else:
-            branch = get_branch(perception.kind)
-            image = self.inputs.branch_images(perception.kind, [source])
-            count = branch.feature_tokens(self.config, image, self.inputs.processor)[0]
-            content = branch_turn_content(perception.kind, count)
-        text = assistant_turn_text(perception, tokenizer.decode(body, skip_special_tokens=True))
-        tokens = row.tokens[: row.segment_start] + next_turn_ids(tokenizer, text, content)
+        turn = perception_turn(perception, body, row.source, self.inputs, self.config)
+        tokens = row.tokens[: row.segment_start] + turn.ids
         reuse = min(common_prefix(row.tokens[: row.cached], tokens), row.cached)
         # Never reuse part of an image's features: recompute from its start.
         for start, end in pad_runs(tokens, self.config.image_token_id) + self._all_branch_runs(tokens):
@@ -537,12 +548,13 @@ class VPTGenerator:
                 reuse = start
         row.tokens = tokens
         row.reuse = reuse
-        if perception.kind == REGION:
-            row.base_images += new_images
+        if turn.crops is not None:
+            pixels, grids = turn.crops
+            row.base_images += list(zip(torch.split(pixels, [int(g.prod()) for g in grids]), grids))
         else:
-            row.branch_images.append((perception.kind, source))
+            row.branch_images.append((perception.kind, row.source))
         row.segment_start = len(tokens)
-        row.trace.rounds.append(round_trace)
+        row.trace.rounds.append(turn.round_trace)
 
     def _all_branch_runs(self, tokens):
         return [run for name in self.config.vision_encoder_ls for run in pad_runs(tokens, self.config.branch_ids(name)["image"])]
@@ -582,22 +594,13 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
         if perception.kind is None:
             trace.truncated = truncated
             return turn, trace
-        round_trace = {"kind": perception.kind, "tokens": tokenizer.decode(body, skip_special_tokens=False)}
-        if perception.kind == REGION:
-            boxes = crop_boxes(perception, *image.size)
-            pixels, grids = perception_inputs.crop_inputs([image.crop(box) for box in boxes])
-            merge = config.vision_config.spatial_merge_size
-            content = region_turn_content([int(g.prod()) // merge**2 for g in grids])
-            crops = (torch.cat([crops[0], pixels]), torch.cat([crops[1], grids]))
-            round_trace.update(grid_boxes=[list(b) for b in perception.grid_boxes], pixel_boxes=[list(b) for b in boxes])
+        turn = perception_turn(perception, body, image, perception_inputs, config)
+        if turn.crops is not None:
+            crops = turn.crops if crops[0] is None else tuple(torch.cat(pair) for pair in zip(crops, turn.crops))
         else:
-            images = perception_inputs.branch_images(perception.kind, [image])
-            count = get_branch(perception.kind).feature_tokens(config, images, perception_inputs.processor)[0]
-            content = branch_turn_content(perception.kind, count)
             branch_images.append((perception.kind, image))
-        text = assistant_turn_text(perception, tokenizer.decode(body, skip_special_tokens=True))
-        tokens = tokens + next_turn_ids(tokenizer, text, content)
-        trace.rounds.append(round_trace)
+        tokens = tokens + turn.ids
+        trace.rounds.append(turn.round_trace)
 
 
 def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, max_new_tokens, eos_ids, may_perceive,
