@@ -28,6 +28,10 @@ class VPTQwen2VLConfig(Qwen2VLConfig):
         branch_encoder_configs: branch name -> its encoder's transformers config (as a dict),
             so a saved model rebuilds with no hub. Missing: the published encoder's shape.
         para_start_id / para_end_id: ``<|im_start|>`` / ``<|im_end|>``, which delimit turns.
+        reuse_first_pass: pass 1 runs only as far as the last ``<|B_action_start|>`` and pass 2
+            reuses its keys and values before the first position that differs (same loss and
+            gradients, about one pass of compute). False: two full passes, the straightforward
+            implementation that the fast one is tested against.
         reference_compat: reproduce the published forward exactly where this project deviates
             on purpose (docs/DEVIATIONS.md): input embeddings and every vision encoder run
             under ``no_grad``, and missing ``position_ids`` become 1-D positions rather than M-RoPE.
@@ -44,6 +48,7 @@ class VPTQwen2VLConfig(Qwen2VLConfig):
     branch_encoder_configs: dict = field(default_factory=dict)
     para_start_id: int | None = None
     para_end_id: int | None = None
+    reuse_first_pass: bool = True
     reference_compat: bool = False
 
     def __post_init__(self, **kwargs):

@@ -8,12 +8,17 @@ the input embedding of ``<|B_action|>`` and as the projector's condition.
 
 import copy
 from contextlib import nullcontext
+from functools import partial
+from types import MethodType
 
 import torch
+from torch import nn
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
 
 from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
@@ -138,42 +143,55 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         action_masks = self._action_masks(input_ids, continuing)
         language_model_inputs = {"position_ids": position_ids, "attention_mask": attention_mask}
 
+        outputs = None
         if config.num_inner_forward_run == 1:
             for name, per_image in projected.items():
                 inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(per_image))
         else:
             first_pass_embeds = inputs_embeds
             for name, per_image in projected.items():
-                first_pass_embeds = self._scatter(first_pass_embeds, pad_masks[name], torch.cat(per_image))
-            first_pass_cache = copy.deepcopy(past_key_values) if past_key_values is not None else None
-            first_pass_states = self.model.language_model(
-                inputs_embeds=first_pass_embeds,
-                past_key_values=first_pass_cache,
-                use_cache=False,
-                **language_model_inputs,
-            ).last_hidden_state
-
-            # The control state of an action token is the pass-1 state just before it (its action_start).
-            controls = {}
-            for name, mask in action_masks.items():
-                rows, cols = mask.nonzero(as_tuple=True)
-                controls[name] = first_pass_states[rows, cols - 1]
-
-            for name, per_image in projected.items():
                 self._check_images_have_actions(name, pad_masks[name], per_image, action_masks)
-                reweighted = self.branch_projector(name).reweight(per_image, controls[name])
-                inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(reweighted))
-            inputs_embeds = self._apply_para_mask(input_ids, inputs_embeds, projected, action_masks)
-            for name, mask in action_masks.items():
-                inputs_embeds = self._scatter(inputs_embeds, mask, controls[name])
+                first_pass_embeds = self._scatter(first_pass_embeds, pad_masks[name], torch.cat(per_image))
+            para_mask = self._draw_para_mask(input_ids, projected, action_masks)
+            if self._reuses_first_pass(action_masks, continuing, use_cache, position_ids, attention_mask, kwargs):
+                # Positions before the first one whose pass-2 input differs are computed once.
+                changed = para_mask.clone()
+                for name, mask in action_masks.items():
+                    changed |= mask | pad_masks.get(name, torch.zeros_like(mask))
+                reused = int(changed.any(dim=0).nonzero()[0])
+                first_pass_end = int(torch.stack(list(action_masks.values())).any(dim=(0, 1)).nonzero()[-1])
+                first_pass_states, first_pass_kv = self._run_language_segment(
+                    first_pass_embeds[:, :first_pass_end], position_ids, attention_mask, start=0
+                )
+                inputs_embeds = self._second_pass_embeds(
+                    inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
+                )
+                prefix_kv = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in first_pass_kv]
+                suffix_states, _ = self._run_language_segment(
+                    inputs_embeds[:, reused:], position_ids, attention_mask, start=reused, prefix_kv=prefix_kv
+                )
+                hidden_states = torch.cat([first_pass_states[:, :reused], suffix_states], dim=1)
+                outputs = BaseModelOutputWithPast(last_hidden_state=hidden_states)
+            else:
+                first_pass_cache = copy.deepcopy(past_key_values) if past_key_values is not None else None
+                first_pass_states = self.model.language_model(
+                    inputs_embeds=first_pass_embeds,
+                    past_key_values=first_pass_cache,
+                    use_cache=False,
+                    **language_model_inputs,
+                ).last_hidden_state
+                inputs_embeds = self._second_pass_embeds(
+                    inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
+                )
 
-        outputs = self.model.language_model(
-            inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            **language_model_inputs,
-            **kwargs,
-        )
+        if outputs is None:
+            outputs = self.model.language_model(
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **language_model_inputs,
+                **kwargs,
+            )
 
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -293,6 +311,80 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             anchor = anchor + 0.0 * sum(f.sum() for f in projector.reweight(features, control))
         return anchor
 
+    # ----------------------------------------------------------------- two passes
+
+    def _second_pass_embeds(self, inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states):
+        """Pass 2's input embeddings: branch features re-weighted by the control states, para-masked
+        positions zeroed, and each action token's embedding replaced by its control state."""
+        # The control state of an action token is the pass-1 state just before it (its action_start).
+        controls = {}
+        for name, mask in action_masks.items():
+            rows, cols = mask.nonzero(as_tuple=True)
+            controls[name] = first_pass_states[rows, cols - 1]
+        for name, per_image in projected.items():
+            reweighted = self.branch_projector(name).reweight(per_image, controls[name])
+            inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(reweighted))
+        inputs_embeds = inputs_embeds.masked_fill(para_mask.unsqueeze(-1), 0)
+        for name, mask in action_masks.items():
+            inputs_embeds = self._scatter(inputs_embeds, mask, controls[name])
+        return inputs_embeds
+
+    def _reuses_first_pass(self, action_masks, continuing, use_cache, position_ids, attention_mask, kwargs) -> bool:
+        """Whether this call takes the prefix-reusing two-pass path (training and loss evaluation).
+
+        Calls that continue or return a cache, ask for per-layer outputs, or use packed
+        positions, 4-D masks or sliding-window layers take the straightforward path.
+        """
+        return (
+            self.config.reuse_first_pass
+            and bool(action_masks)
+            and not continuing
+            and not use_cache
+            and not (position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] != 3)
+            and not (attention_mask is not None and attention_mask.ndim != 2)
+            and not self.model.language_model.has_sliding_layers
+            and not any(kwargs.get(key) for key in ("output_attentions", "output_hidden_states"))
+        )
+
+    def _run_language_segment(self, embeds, position_ids, attention_mask, start: int, prefix_kv=None):
+        """The language model over positions ``start .. start + len`` of the sequence, attending to
+        ``prefix_kv`` (per layer, the keys and values of positions ``0 .. start``).
+
+        Returns the normed hidden states and each layer's keys and values of the segment. Each
+        layer runs as a pure function of its inputs (:func:`_decoder_layer_with_kv`), wrapped in the
+        model's gradient checkpointing function when that is on.
+        """
+        text_model = self.model.language_model
+        batch, length = embeds.shape[:2]
+        end = start + length
+        if position_ids is None:  # what the language model itself falls back to
+            position_ids = torch.arange(end, device=embeds.device).view(1, 1, -1).expand(3, batch, -1)
+        elif position_ids.ndim == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        position_embeddings = text_model.rotary_emb(embeds, position_ids[..., start:end])
+        causal_mask = create_causal_mask(
+            config=text_model.config,
+            inputs_embeds=embeds,
+            attention_mask=None if attention_mask is None else attention_mask[:, :end],
+            past_key_values=_PrecedingPositions(start) if start else None,
+        )
+        hidden_states, segment_kv = embeds, []
+        for index, layer in enumerate(text_model.layers):
+            prefix_keys, prefix_values = prefix_kv[index] if prefix_kv is not None else (None, None)
+            step = partial(
+                MethodType(_decoder_layer_with_kv, layer),
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+            )
+            if layer.gradient_checkpointing and layer.training:
+                hidden_states, keys, values = layer._gradient_checkpointing_func(
+                    step, hidden_states, prefix_keys, prefix_values
+                )
+            else:
+                hidden_states, keys, values = step(hidden_states, prefix_keys, prefix_values)
+            segment_kv.append((keys, values))
+        return text_model.norm(hidden_states), segment_kv
+
     # ----------------------------------------------------------------- inputs
 
     def _pop_branch_inputs(self, kwargs: dict) -> dict[str, dict]:
@@ -390,27 +482,27 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                     "with num_inner_forward_run=2 each branch image needs its action token"
                 )
 
-    def _apply_para_mask(self, input_ids, inputs_embeds, projected, action_masks):
-        """Zero the first user turn (and the branch turn for para_mask_id 2) of rows that re-encode.
+    def _draw_para_mask(self, input_ids, projected, action_masks) -> torch.Tensor:
+        """Positions pass 2 zeroes: the first user turn (and the branch turn for para_mask_id 2) of rows that re-encode.
 
         One draw per masked turn and batch, with probability ``para_mask_ratio``, as published.
         Training only (method.md section 3); the published code also masked in eval mode, which
         ``reference_compat`` keeps.
         """
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
         if self.config.para_mask_id == 0 or not (self.training or self.config.reference_compat):
-            return inputs_embeds
+            return mask
         rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for name in projected:
             if name in action_masks:
                 rows |= action_masks[name].any(dim=1)
         if not rows.any():
-            return inputs_embeds
+            return mask
         turns = (1,) if self.config.para_mask_id == 1 else (1, 3)
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for turn in turns:
             if torch.rand(1).item() < self.config.para_mask_ratio:
                 mask |= self._turn_interior(input_ids, rows, turn)
-        return inputs_embeds.masked_fill(mask.unsqueeze(-1), 0)
+        return mask
 
     def _turn_interior(self, input_ids, rows, turn):
         """Positions strictly between the ``turn``-th ``<|im_start|>`` and ``<|im_end|>`` (0-based) of ``rows``."""
@@ -430,6 +522,60 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     @staticmethod
     def _scatter(inputs_embeds, mask, values):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), values.to(inputs_embeds.dtype))
+
+
+class _SegmentKV:
+    """The ``past_key_values`` one decoder layer call sees in :meth:`_run_language_segment`.
+
+    Its ``update`` (called by the attention) keeps the layer's new keys and values, so they can
+    be returned as outputs, and gives attention the prefix followed by them.
+    """
+
+    def __init__(self, prefix_keys, prefix_values):
+        self.prefix = None if prefix_keys is None else (prefix_keys, prefix_values)
+        self.keys = self.values = None
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        self.keys, self.values = keys, values
+        if self.prefix is None:
+            return keys, values
+        return torch.cat([self.prefix[0], keys], dim=-2), torch.cat([self.prefix[1], values], dim=-2)
+
+
+class _PrecedingPositions:
+    """What transformers' mask builders read from a cache: how many positions precede the segment."""
+
+    is_compileable = False
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+
+def _decoder_layer_with_kv(layer, hidden_states, prefix_keys, prefix_values, *, attention_mask, position_embeddings):
+    """One decoder layer as a pure function: ``(output, its keys, its values)``.
+
+    A fresh :class:`_SegmentKV` per call means no cache is appended to, so gradient checkpointing
+    can re-run the call in backward freely, and the keys and values are outputs that carry
+    gradients to pass 1 under reentrant checkpointing too. Bound to the layer when called,
+    because checkpoint functions (LLaMA-Factory's) find the module through ``__self__``.
+    ``nn.Module.__call__`` runs the layer's hooks (DeepSpeed's) but not
+    ``GradientCheckpointingLayer.__call__``, which would drop ``past_key_values``.
+    """
+    kv = _SegmentKV(prefix_keys, prefix_values)
+    hidden_states = nn.Module.__call__(
+        layer,
+        hidden_states,
+        attention_mask=attention_mask,
+        position_embeddings=position_embeddings,
+        past_key_values=kv,
+    )
+    return hidden_states, kv.keys, kv.values
 
 
 def _images_per_row(images, sizes, batch: int) -> list:
