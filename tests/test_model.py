@@ -12,9 +12,14 @@ from vpt_plugin.conversation import IGNORE_INDEX
 
 
 class LanguageModelCalls:
-    """Records the inputs_embeds and output states of each language-model pass."""
+    """Records the inputs_embeds and output states of each language-model pass.
+
+    It reads the straightforward forward's two full passes (test_reuse_first_pass.py checks that
+    the default, prefix-reusing forward gives the same loss, logits and gradients).
+    """
 
     def __init__(self, model):
+        model.config.reuse_first_pass = False
         self.embeds, self.states = [], []
         self.handles = [
             model.model.language_model.register_forward_hook(self._record, with_kwargs=True),

@@ -1,9 +1,14 @@
-"""Qwen2-VL with Visual Perception Tokens: the straightforward two-pass model (method.md section 3).
+"""Qwen2-VL with Visual Perception Tokens: the two-pass model (method.md section 3).
 
-This is the faithful implementation; faster ones must match it. Pass 1 runs the LLM with
-branch features projected without control; the hidden state at each
-``<|B_action_start|>`` becomes the control state; pass 2 runs again with that state as
+Pass 1 runs the LLM with branch features projected without control; the hidden state at
+each ``<|B_action_start|>`` becomes the control state; pass 2 runs again with that state as
 the input embedding of ``<|B_action|>`` and as the projector's condition.
+
+Two implementations of the same function: by default (``config.reuse_first_pass``) pass 1
+stops at the batch's last action start and pass 2 reuses pass 1's keys and values for every
+position before the first one whose input differs, so training costs about one pass; with
+``reuse_first_pass=False`` both passes run over the whole sequence, as published. The second
+is the straightforward oracle the first is tested against (tests/test_reuse_first_pass.py).
 """
 
 import copy
@@ -153,26 +158,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 self._check_images_have_actions(name, pad_masks[name], per_image, action_masks)
                 first_pass_embeds = self._scatter(first_pass_embeds, pad_masks[name], torch.cat(per_image))
             para_mask = self._draw_para_mask(input_ids, projected, action_masks)
-            if self._reuses_first_pass(action_masks, continuing, use_cache, position_ids, attention_mask, kwargs):
-                # Positions before the first one whose pass-2 input differs are computed once.
-                changed = para_mask.clone()
-                for name, mask in action_masks.items():
-                    changed |= mask | pad_masks.get(name, torch.zeros_like(mask))
-                reused = int(changed.any(dim=0).nonzero()[0])
-                first_pass_end = int(torch.stack(list(action_masks.values())).any(dim=(0, 1)).nonzero()[-1])
-                first_pass_states, first_pass_kv = self._run_language_segment(
-                    first_pass_embeds[:, :first_pass_end], position_ids, attention_mask, start=0
-                )
-                inputs_embeds = self._second_pass_embeds(
-                    inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
-                )
-                prefix_kv = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in first_pass_kv]
-                suffix_states, _ = self._run_language_segment(
-                    inputs_embeds[:, reused:], position_ids, attention_mask, start=reused, prefix_kv=prefix_kv
-                )
-                hidden_states = torch.cat([first_pass_states[:, :reused], suffix_states], dim=1)
-                outputs = BaseModelOutputWithPast(last_hidden_state=hidden_states)
-            else:
+            if not self._reuses_first_pass(continuing, use_cache, position_ids, attention_mask, kwargs):
                 first_pass_cache = copy.deepcopy(past_key_values) if past_key_values is not None else None
                 first_pass_states = self.model.language_model(
                     inputs_embeds=first_pass_embeds,
@@ -183,6 +169,13 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 inputs_embeds = self._second_pass_embeds(
                     inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
                 )
+            elif action_masks:
+                hidden_states = self._two_passes_reusing_prefix(
+                    first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask,
+                    position_ids, attention_mask,
+                )
+                outputs = BaseModelOutputWithPast(last_hidden_state=hidden_states)
+            # Otherwise no row perceives, so pass 2 would repeat pass 1: the one call below is both.
 
         if outputs is None:
             outputs = self.model.language_model(
@@ -329,7 +322,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             inputs_embeds = self._scatter(inputs_embeds, mask, controls[name])
         return inputs_embeds
 
-    def _reuses_first_pass(self, action_masks, continuing, use_cache, position_ids, attention_mask, kwargs) -> bool:
+    def _reuses_first_pass(self, continuing, use_cache, position_ids, attention_mask, kwargs) -> bool:
         """Whether this call takes the prefix-reusing two-pass path (training and loss evaluation).
 
         Calls that continue or return a cache, ask for per-layer outputs, or use packed
@@ -337,7 +330,6 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         """
         return (
             self.config.reuse_first_pass
-            and bool(action_masks)
             and not continuing
             and not use_cache
             and not (position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] != 3)
@@ -345,6 +337,33 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             and not self.model.language_model.has_sliding_layers
             and not any(kwargs.get(key) for key in ("output_attentions", "output_hidden_states"))
         )
+
+    def _two_passes_reusing_prefix(
+        self, first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask, position_ids, attention_mask
+    ):
+        """The two passes' final hidden states, computing positions before the first change once.
+
+        Pass 1 runs only as far as the batch's last ``<|B_action_start|>``; pass 2 starts at the
+        first position whose input differs from pass 1's (an action token, a re-weighted branch
+        feature or a para-masked turn, in any row) and attends to pass 1's keys and values before
+        it, which are what pass 2 would have computed there.
+        """
+        changed = para_mask.clone()
+        for name, mask in action_masks.items():
+            changed |= mask | pad_masks.get(name, torch.zeros_like(mask))
+        reused = int(changed.any(dim=0).nonzero()[0])
+        first_pass_end = int(torch.stack(list(action_masks.values())).any(dim=(0, 1)).nonzero()[-1])
+        first_pass_states, first_pass_kv = self._run_language_segment(
+            first_pass_embeds[:, :first_pass_end], position_ids, attention_mask, start=0
+        )
+        inputs_embeds = self._second_pass_embeds(
+            inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
+        )
+        prefix_kv = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in first_pass_kv]
+        suffix_states, _ = self._run_language_segment(
+            inputs_embeds[:, reused:], position_ids, attention_mask, start=reused, prefix_kv=prefix_kv
+        )
+        return torch.cat([first_pass_states[:, :reused], suffix_states], dim=1)
 
     def _run_language_segment(self, embeds, position_ids, attention_mask, start: int, prefix_kv=None):
         """The language model over positions ``start .. start + len`` of the sequence, attending to

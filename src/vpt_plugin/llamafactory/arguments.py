@@ -63,6 +63,10 @@ class VPTArguments:
     num_inner_forward_run: int | None = field(default=None, metadata={"help": "1: alignment; 2: VPT (two passes)."})
     para_mask_id: int | None = field(default=None, metadata={"help": "0 off, 1 first user turn, 2 also branch turn."})
     para_mask_ratio: float | None = field(default=None, metadata={"help": "Probability per batch of para masking."})
+    reuse_first_pass: bool | None = field(
+        default=None,
+        metadata={"help": "false: two full passes (the straightforward forward, for comparison); default true."},
+    )
     freefreeze_frozen_modules: str | None = field(
         default=None, metadata={"help": "freefreeze: parameters whose names contain one of these are frozen."}
     )
@@ -128,7 +132,7 @@ class VPTArguments:
 
     def config_overrides(self) -> dict[str, Any]:
         """The VPT config fields the recipe sets."""
-        names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio")
+        names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
