@@ -159,3 +159,21 @@ def test_batch_without_perception_runs_one_pass(model, processor):
     model(**batch).loss.backward()
     counter.handle.remove()
     assert counter.calls == [batch["input_ids"].shape[1]]
+
+
+def test_checkpointing_runs_backward_through_branch_encoders_only_while_they_train(model, processor):
+    """transformers' gradient checkpointing hooks every sub-model's patch embeddings; a frozen
+    branch encoder's must not make backward run through it."""
+    model.train()
+    model.gradient_checkpointing_enable()
+    outputs_require_grad = []
+    model.detection_model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: outputs_require_grad.append(output.requires_grad)
+    )
+    batch = batch_of(processor, [reencoding_example(processor, model.config, "dino")])
+    model.detection_model.requires_grad_(False)
+    model(**batch).loss.backward()
+    model.detection_model.requires_grad_(True)
+    model(**batch).loss.backward()
+    assert outputs_require_grad == [False, True]
+    assert model.detection_model.encoder.layer[0].mlp.fc1.weight.grad.abs().sum() > 0

@@ -71,6 +71,26 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             state_dict = {rename_source_key(key, renamings, [])[0]: value for key, value in state_dict.items()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def enable_input_require_grads(self):
+        """transformers' hooks, but a branch encoder's output requires grad only while it trains.
+
+        transformers hooks the input embeddings of every sub-model, the branch encoders' patch
+        embeddings included, so that reentrant checkpointing sees an input requiring grad. For a
+        frozen encoder (the published recipes) that only makes backward run through it: on the
+        tiny model it tripled the SAM step.
+        """
+        super().enable_input_require_grads()
+        for name in self.config.vision_encoder_ls:
+            branch = get_branch(name)
+            encoder = getattr(self, branch.encoder_attribute, None) if branch.has_encoder else None
+            embeddings = encoder.get_input_embeddings() if hasattr(encoder, "get_input_embeddings") else None
+            if embeddings is None:
+                continue
+            for hook in [h for h in self._require_grads_hooks if h.id in embeddings._forward_hooks]:
+                hook.remove()
+                self._require_grads_hooks.remove(hook)
+            self._require_grads_hooks.append(embeddings.register_forward_hook(_require_grads_while_training(encoder)))
+
     def branch_projector(self, name: str) -> ControlProjector:
         return getattr(self, get_branch(name).projector_attribute)
 
@@ -541,6 +561,14 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     @staticmethod
     def _scatter(inputs_embeds, mask, values):
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), values.to(inputs_embeds.dtype))
+
+
+def _require_grads_while_training(encoder):
+    def hook(module, args, output):
+        if any(p.requires_grad for p in encoder.parameters()):
+            output.requires_grad_(True)
+
+    return hook
 
 
 class _SegmentKV:

@@ -1,0 +1,400 @@
+"""Answer latency and throughput of VPT generation against plain Qwen2-VL and the re-read flow (issue 5).
+
+Three ways to answer the same prompt (user turn: image + question + the published request
+prompt), per kind of perception (``region``, ``clip``, ``dino``, ``sam``):
+
+``plain``
+    transformers' ``Qwen2VLForConditionalGeneration.generate`` on the VPT model's own base
+    modules (``common.plain_twin``: same weights), greedy, answering directly.
+``ours``
+    the VPT model's one-call loop, ``model.generate(..., processor=processor, vpt_images=...)``:
+    round 1 writes the perception tokens, the loop crops or runs the branch, appends the
+    perception turn to round 1's cache and decodes the answer.
+``reread``
+    ``vpt_plugin.generation.two_round_reference``, the published evaluation's flow: round 1,
+    then round 2 re-read from scratch through the two-pass ``model.forward`` at every step, one
+    row at a time (a batch is answered row after row).
+
+A random tiny model writes junk, so a ``LogitsProcessor`` (:class:`FixedTurns`, adapted from
+``tests/scripted.py``) makes every path do the same work: it forces round 1 of the VPT paths to
+the kind's tokens (``<|B_action_start|>``, after which the loop writes ``<|B_action|><|B_action_end|>``
+itself, or a region ``<|region_token_start|><|x_2|><|y_5|><|x_4|><|y_6|><|region_token_end|><|im_end|>``)
+and bans the end-of-turn and padding tokens everywhere else, so every answer (plain's too) is
+exactly ``--answer-tokens`` tokens, cut by ``max_new_tokens``. The script checks that each
+answer has that length, that each VPT row took one perception of the intended kind, and that
+ours and reread give the same answer tokens (greedy decoding).
+
+Figures: batch-size-1 latency (median wall seconds of one ``generate`` call, prompt to answer)
+and batched throughput (answer tokens per second for ``--batch-size`` different prompts in one
+call; reread answers them one by one). Each case is first called once untimed by the checks
+(its warm-up; ``--warmup`` adds rounds), then timed round-robin, median of ``--repeats``. On CUDA, decode MFU = 2 x LLM FLOP params x answer tokens / time / GPU bf16 peak
+(the prompt, round 1 and the perception turn are extra work not counted).
+
+Headline lines, printed last: ``generate_ratio_vpt_over_plain`` (ours / plain latency at batch
+size 1) and ``generate_ratio_reread_over_ours`` (reread / ours latency at batch size 1), each the
+mean over the kinds measured.
+
+Examples::
+
+    .venv/bin/python benchmarks/bench_generate.py --quick          # < 1 minute on CPU (no report unless --report)
+    .venv/bin/python benchmarks/bench_generate.py                  # ~2 minutes on CPU; writes the report
+    .venv/bin/python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --shape 2b
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+KINDS = ("region", "clip", "dino", "sam")
+REGION_TURN = "<|region_token_start|><|x_2|><|y_5|><|x_4|><|y_6|><|region_token_end|><|im_end|>"
+
+
+# ---------------------------------------------------------------------------- fixed turns
+
+
+class FixedTurns(LogitsProcessor):
+    """Forces the first tokens of scripted assistant turns; elsewhere bans ``banned`` (end of turn, padding).
+
+    Adapted from ``tests/scripted.py``: a prompt is recognised by its token ids (left padding
+    stripped), the assistant turn being decoded is counted by its ``<|im_start|>assistant\\n``
+    headers, and ``scripts[prompt][turn]`` gives the token ids that turn must start with. Both
+    generation paths pass the full token history, so both are scripted alike.
+    """
+
+    def __init__(self, tokenizer, banned: list[int]):
+        self.tokenizer = tokenizer
+        self.pad = tokenizer.pad_token_id
+        self.header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self.banned = sorted(set(banned))
+        self.scripts = []  # (prompt ids, {turn: token ids})
+
+    def add(self, prompt_ids: list[int], turns: dict[int, str]) -> None:
+        encoded = {turn: self.tokenizer.encode(text, add_special_tokens=False) for turn, text in turns.items()}
+        self.scripts.append((list(prompt_ids), encoded))
+
+    def __call__(self, input_ids, scores):
+        for b, row in enumerate(input_ids.tolist()):
+            start = 0
+            while start < len(row) and row[start] == self.pad:
+                start += 1
+            row = row[start:]
+            turns = next((t for prompt, t in self.scripts if row[: len(prompt)] == prompt), {})
+            n = len(self.header)
+            starts = [i + n for i in range(len(row) - n + 1) if row[i : i + n] == self.header]
+            script = turns.get(len(starts) - 1, []) if starts else []
+            step = len(row) - starts[-1] if starts else 0
+            if step < len(script):
+                scores[b] = float("-inf")
+                scores[b, script[step]] = 0.0
+            else:
+                scores[b, self.banned] = float("-inf")
+        return scores
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def kind_prompt(kind: str) -> str:
+    from vpt_plugin.vocabulary import REENCODING_PROMPT, REGION_PROMPT
+
+    return REGION_PROMPT if kind == "region" else REENCODING_PROMPT
+
+
+def first_turn(kind: str) -> str:
+    from vpt_plugin.branches import get_branch
+
+    return REGION_TURN if kind == "region" else get_branch(kind).tokens.action_start
+
+
+def prompts(processor, config, kind: str, count: int, question_words: int, image_side: int, seed: int):
+    """``count`` prompts (different questions and images) for ``kind``: (batch inputs, prompt ids, images)."""
+    from vpt_plugin.conversation import collate_prompts, encode_conversation
+
+    encoded, images = [], []
+    for i in range(count):
+        rng = random.Random(seed * 1000 + i)
+        image = common.shape_image(seed * 1000 + i, image_side)
+        question = common.words(rng, question_words + rng.randint(0, 3))
+        messages = [{"role": "user", "content": f"<image>{question}? {kind_prompt(kind)}"}]
+        encoded.append(encode_conversation(processor, config, messages, images=[image], add_generation_prompt=True))
+        images.append(image)
+    batch = collate_prompts(encoded, processor.tokenizer.pad_token_id)
+    return batch, [e["input_ids"] for e in encoded], images
+
+
+# ---------------------------------------------------------------------------- the three paths
+
+
+@dataclass
+class Case:
+    kind: str
+    path: str  # plain, ours, reread
+    batch: int
+    run: object = None
+    times: list = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return common.median(self.times)
+
+
+def make_cases(vpt, plain, processor, args, kind: str, batch_size: int, device) -> list[Case]:
+    from vpt_plugin.generation import PerceptionInputs, two_round_reference
+
+    tokenizer = processor.tokenizer
+    eos = vpt.generation_config.eos_token_id
+    banned = [eos] if isinstance(eos, int) else list(eos)
+    banned.append(tokenizer.pad_token_id)
+    batch, prompt_ids, images = prompts(processor, vpt.config, kind, batch_size, args.question_words, args.image_side,
+                                        args.seed)
+    vpt_script = FixedTurns(tokenizer, banned)
+    for ids in prompt_ids:
+        vpt_script.add(ids, {0: first_turn(kind)})
+    plain_script = FixedTurns(tokenizer, banned)  # no scripted turn: the answer, end of turn banned
+    n = args.answer_tokens
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(vpt.dtype)
+    mm_types = (inputs["input_ids"] == vpt.config.image_token_id).int()
+    length = inputs["input_ids"].shape[1]
+    perception = PerceptionInputs(processor)
+    grids = batch["image_grid_thw"]
+    pixels = torch.split(batch["pixel_values"], [int(g.prod()) for g in grids])
+
+    def run_plain():
+        out = plain.generate(**inputs, mm_token_type_ids=mm_types, max_new_tokens=n, do_sample=False,
+                             logits_processor=LogitsProcessorList([plain_script]))
+        return [row[length:] for row in out.tolist()]
+
+    def run_ours():
+        out = vpt.generate(**inputs, processor=processor, vpt_images=images, max_new_tokens=n, do_sample=False,
+                           logits_processor=LogitsProcessorList([vpt_script]), return_dict_in_generate=True)
+        return [row[length:] for row in out.sequences.tolist()], out.traces
+
+    def run_reread():
+        answers, traces = [], []
+        for b in range(batch_size):
+            answer, trace = two_round_reference(
+                vpt, perception, torch.tensor([prompt_ids[b]], device=device),
+                pixels[b].to(device, vpt.dtype), grids[b : b + 1].to(device), images[b], n, set(banned[:1]),
+                logits_processor=LogitsProcessorList([vpt_script]))
+            answers.append(answer)
+            traces.append(trace.to_dict())
+        return answers, traces
+
+    return [Case(kind, "plain", batch_size, run_plain), Case(kind, "ours", batch_size, run_ours),
+            Case(kind, "reread", batch_size, run_reread)]
+
+
+def check(cases: list[Case], n: int) -> list[str]:
+    """Every answer has ``n`` tokens; VPT rows took one perception of the kind; ours equals reread."""
+    problems = []
+    by_path = {c.path: c for c in cases}
+    kind = cases[0].kind
+    plain_answers = by_path["plain"].run()
+    ours_answers, ours_traces = by_path["ours"].run()
+    reread_answers, reread_traces = by_path["reread"].run()
+    for path, answers in (("plain", plain_answers), ("ours", ours_answers), ("reread", reread_answers)):
+        lengths = [len(a) for a in answers]
+        if any(length != n for length in lengths):
+            problems.append(f"{kind} {path}: answer lengths {lengths}, expected {n}")
+    for path, traces in (("ours", ours_traces), ("reread", reread_traces)):
+        kinds = [[r["kind"] for r in t["rounds"]] for t in traces]
+        if any(k != [kind] for k in kinds):
+            problems.append(f"{kind} {path}: perception rounds {kinds}, expected one {kind!r} each")
+    if [list(a) for a in ours_answers] != [list(a) for a in reread_answers]:
+        problems.append(f"{kind}: ours and reread answers differ (greedy decoding should agree)")
+    return problems
+
+
+# ---------------------------------------------------------------------------- main
+
+
+PRESETS = {
+    "quick": dict(answer_tokens=8, batch_size=2, image_side=224, question_words=4, repeats=3, warmup=0),
+    "default": dict(answer_tokens=64, batch_size=4, image_side=448, question_words=12, repeats=5, warmup=0),
+    # reread answers a batch row by row through the two-pass forward: keep the answers short enough to finish
+    "2b": dict(answer_tokens=32, batch_size=8, image_side=448, question_words=12, repeats=3, warmup=0),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (< 1 minute on CPU)")
+    parser.add_argument("--shape", choices=["tiny", "2b"], default="tiny", help="tiny test model or Qwen2-VL-2B shapes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="parameter dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of region,clip,dino,sam")
+    parser.add_argument("--answer-tokens", type=int, help="answer length every path decodes")
+    parser.add_argument("--batch-size", type=int, help="prompts per call for the throughput figure")
+    parser.add_argument("--image-side", type=int, help="side in pixels of the square image")
+    parser.add_argument("--question-words", type=int)
+    parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed rounds over all cases, after the checking call of each case (itself a warm-up)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 on CPU: steady figures on a shared CPU; see common.py)")
+    parser.add_argument("--peak-tflops", type=float, help="accelerator peak (TFLOP/s) for MFU, if not recognised")
+    parser.add_argument("--llm-layers", type=int, help="2b shape: fewer decoder layers (a cheap check only)")
+    parser.add_argument("--encoder-layers", type=int, help="2b shape: fewer ViT/DINOv2/SAM layers (a cheap check only)")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                        help="write this script's section of docs/BENCHMARKS.md (default: yes, except with --quick)")
+    args = parser.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "2b" if args.shape == "2b" else "default"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if args.report is None:
+        args.report = not args.quick
+    args.device = torch.device(args.device)
+    args.dtype = common.parse_dtype(args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()  # generate's notes on generation flags
+    wall_start = time.perf_counter()
+    common.set_threads(args)
+    common.set_seed(args.seed)
+    device = args.device
+    tmp = common.workdir("vpt-bench-generate-")
+    vpt, plain, processor = common.build_models(args.shape, args.dtype, device, tmp.name, args.llm_layers,
+                                                args.encoder_layers)
+    common.set_image_side(processor, args.image_side)
+    vpt.eval()
+    plain.eval()
+    vpt.config.num_inner_forward_run = 2
+    vpt.config.para_mask_id = 0  # training only anyway
+    vpt.config.reuse_first_pass = False  # the reread flow is the published one (it returns a cache, so never reuses)
+
+    cases, problems = [], []
+    with torch.no_grad():
+        for kind in args.kinds:
+            single = make_cases(vpt, plain, processor, args, kind, 1, device)
+            batched = make_cases(vpt, plain, processor, args, kind, args.batch_size, device)
+            problems += check(single, args.answer_tokens) + check(batched, args.answer_tokens)
+            cases += single + batched
+        print(f"{len(cases)} cases, {args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
+        for _ in range(args.warmup):
+            for case in cases:
+                case.run()
+        for r in range(args.repeats):
+            for case in cases:
+                common.sync(device)
+                start = time.perf_counter()
+                case.run()
+                common.sync(device)
+                case.times.append(time.perf_counter() - start)
+            print(f"  round {r + 1}/{args.repeats} done ({time.perf_counter() - wall_start:.0f} s)", flush=True)
+    elapsed = time.perf_counter() - wall_start
+    report(args, vpt, cases, problems, elapsed)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def report(args, vpt, cases, problems, elapsed) -> None:
+    device = args.device
+    n = args.answer_tokens
+    counts = common.parameter_counts(vpt)
+    peak_flops = common.gpu_peak_flops(device, args.peak_tflops)
+    by_key = {(c.kind, c.path, c.batch): c for c in cases}
+
+    rows = []
+    for c in cases:
+        plain = by_key[(c.kind, "plain", c.batch)]
+        ours = by_key[(c.kind, "ours", c.batch)]
+        tokens = c.batch * n
+        mfu = f"{100 * 2 * counts['llm_flops_params'] * tokens / c.median / peak_flops:.2f}%" if peak_flops else "n/a"
+        rows.append([c.kind, c.path, c.batch, f"{1000 * c.median:.1f}",
+                     f"{1000 * min(c.times):.1f}-{1000 * max(c.times):.1f}", f"{tokens / c.median:,.1f}",
+                     f"{c.median / plain.median:.2f}", f"{c.median / ours.median:.2f}", mfu])
+    header = ["kind", "path", "batch", "ms per call (median)", "min-max ms", "answer tokens/s", "x plain", "x ours",
+              "decode MFU"]
+    table = common.markdown_table(header, rows)
+
+    def ratios(path, over, batch):
+        return [by_key[(k, path, batch)].median / by_key[(k, over, batch)].median for k in args.kinds]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    extra = {
+        "generate_batched_ratio_vpt_over_plain": mean(ratios("ours", "plain", args.batch_size)),
+        "generate_batched_ratio_reread_over_ours": mean(ratios("reread", "ours", args.batch_size)),
+    }
+    headlines = {
+        "generate_ratio_vpt_over_plain": mean(ratios("ours", "plain", 1)),
+        "generate_ratio_reread_over_ours": mean(ratios("reread", "ours", 1)),
+    }
+
+    info = common.machine_info(device)
+    extras = {
+        "command": f"`{common.command_line()}`",
+        "model": f"{args.shape} ({'tests/conftest.py tiny checkpoint' if args.shape == 'tiny' else 'random, Qwen2-VL-2B-Instruct shapes'}), "
+                 f"dtype {str(args.dtype).replace('torch.', '')}, parameters {common.format_count(counts['total'])} "
+                 f"(LLM FLOP params {common.format_count(counts['llm_flops_params'])})",
+        "inputs": f"image {args.image_side}x{args.image_side}, question ~{args.question_words} words + the published "
+                  f"request prompt; answers of exactly {n} tokens; batch 1 (latency) and {args.batch_size} (throughput)",
+        "timing": f"one checking call per case plus {args.warmup} warm-up rounds, {args.repeats} timed round-robin rounds, "
+                  f"median; torch threads {torch.get_num_threads()}; wall {elapsed:.0f} s",
+        "checks": "all passed (answer lengths, one perception of the intended kind per VPT row, ours == reread)"
+                  if not problems else "PROBLEMS: " + "; ".join(problems),
+    }
+    text = f"""## Generation (`benchmarks/bench_generate.py`)
+
+{common.info_lines(info, extras)}
+
+plain: transformers' Qwen2-VL `generate` on the same weights, answering the prompt directly.
+ours: the VPT one-call loop (`model.generate(..., processor=, vpt_images=)`): round 1 (forced to
+the kind's perception tokens), the crop or branch, the perception turn appended to round 1's
+cache, the answer. reread: `two_round_reference`, the published flow (round 2 re-read from
+scratch through the two-pass forward at every step, rows one by one). Every answer is
+{n} tokens (end of turn and padding banned; a logits processor forces round 1). Answer tokens/s
+counts answer tokens only; the VPT paths also decode round 1 and read the perception turn, which
+is what their ratios to plain charge them for. Decode MFU (CUDA only): 2 x LLM FLOP params x
+answer tokens / time / GPU dense bf16 peak.
+{"" if device.type == "cuda" else chr(10) + "Run on CPU, without a GPU (none was available in the session that produced these figures): tiny-model CPU figures, where per-call Python overhead weighs far more than on a GPU with a real model. The CPU was shared with other work; the round-robin medians are the figures to read." + chr(10)}
+{table}
+
+Per-kind latency ratios at batch 1: ours/plain {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("ours", "plain", 1)))}; reread/ours {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("reread", "ours", 1)))}.
+Headlines: batch-1 latency ratios, mean over the kinds.
+
+```
+{chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines}.items())}
+```
+"""
+    print()
+    print(table)
+    for problem in problems:
+        print(f"CHECK FAILED: {problem}")
+    if args.report:
+        common.write_section("generate", text)
+        print(f"wrote the generate section of {common.REPORT.relative_to(common.REPO)}")
+    print(f"wall time {elapsed:.0f} s")
+    for key, value in extra.items():
+        print(f"{key}: {value:.3f}")
+    for key, value in headlines.items():
+        print(f"{key}: {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
