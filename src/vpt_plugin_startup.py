@@ -33,6 +33,7 @@ ON_IMPORT = {
     "llamafactory.data.loader": "vpt_plugin.patches.llamafactory_data_loader:apply_data_loader_patch",
     "llamafactory.train.sft.workflow": "vpt_plugin.patches.llamafactory_train_sft_workflow:apply_sft_workflow_patch",
     "llamafactory.train.sft.trainer": "vpt_plugin.patches.llamafactory_train_sft_trainer:apply_sft_trainer_patch",
+    "llamafactory.train.tuner": "vpt_plugin.patches.llamafactory_train_tuner:apply_tuner_patch",
 }
 
 

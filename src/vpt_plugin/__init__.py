@@ -1,16 +1,18 @@
 """vpt-plugin: Visual Perception Tokens for Qwen2-VL.
 
-Importing the package registers the VPT config and model with transformers' Auto classes
-(``AutoConfig``, ``AutoModelForImageTextToText``) under ``qwen2_vl_vpt`` and, for the released
-CLIP model, ``vrt_qwen2_vl``.
+Importing the package registers the VPT config, model and processor with transformers' Auto
+classes (``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoProcessor``) under
+``qwen2_vl_vpt`` and, for the released CLIP model, ``vrt_qwen2_vl``, and gives those model types
+Qwen2-VL's weight-key renaming (``key_layout``).
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from . import key_layout  # noqa: F401  (registers the weight-key renaming of the VPT model types)
 from .branches import BRANCHES, VPTInputError, get_branch, register_branch
 from .configuration_vpt import VPTQwen2VLConfig, VRTQwen2VLConfig
 from .modeling_vpt import VPTQwen2VLForConditionalGeneration, VRTQwen2VLForConditionalGeneration
+from .processing_vpt import VPTQwen2VLProcessor
 
 __version__ = "0.1.0"
 
@@ -22,10 +24,8 @@ def _register_with_transformers() -> None:
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
-        # Hub Qwen2-VL checkpoints keep the transformers-4 key layout (model.layers.*, visual.*);
-        # transformers renames those by model_type, so VPT models inherit Qwen2-VL's renaming.
-        if get_checkpoint_conversion_mapping(config_class.model_type) is None:
-            register_checkpoint_conversion_mapping(config_class.model_type, get_checkpoint_conversion_mapping("qwen2_vl"))
+        # Exported folders name VPTQwen2VLProcessor; registered, it also loads without remote code.
+        AutoProcessor.register(config_class, VPTQwen2VLProcessor, exist_ok=True)
 
 
 _register_with_transformers()
@@ -35,6 +35,7 @@ __all__ = [
     "VPTInputError",
     "VPTQwen2VLConfig",
     "VPTQwen2VLForConditionalGeneration",
+    "VPTQwen2VLProcessor",
     "VRTQwen2VLConfig",
     "VRTQwen2VLForConditionalGeneration",
     "get_branch",

@@ -1,4 +1,4 @@
-"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt data``, ``vpt convert``, ``vpt infer``."""
+"""The ``vpt`` command: ``vpt init``, ``vpt tiny``, ``vpt data``, ``vpt convert``, ``vpt export``, ``vpt infer``."""
 
 import argparse
 import json
@@ -83,6 +83,13 @@ def _convert(args) -> None:
     print(f"converted {args.src} -> {out}")
 
 
+def _export(args) -> None:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.src, args.dst, base_model=args.base_model, hub_model_id=args.push_to_hub)
+    print(f"Hub-ready VPT model written to {out}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+
+
 def _infer(args) -> None:
     from .inference import answer_questions, draw_regions, load_vpt_model
 
@@ -147,6 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("--detection-config", help="Dinov2Config JSON (default: dinov2-large)")
     convert.add_argument("--seg-config", help="SamVisionConfig JSON (default: sam-vit-large)")
     convert.set_defaults(run=_convert)
+
+    export = commands.add_parser(
+        "export", help="write a VPT checkpoint as a Hub-ready folder that loads without vpt-plugin (trust_remote_code)"
+    )
+    export.add_argument("src", help="VPT checkpoint: directory (vpt init, vpt convert, a training output) or hub id")
+    export.add_argument("dst", help="directory to write the Hub-ready folder to")
+    export.add_argument("--base-model", help="Hub id the model derives from, for the model card (e.g. Qwen/Qwen2-VL-2B-Instruct)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the folder to this Hub repository")
+    export.set_defaults(run=_export)
 
     infer = commands.add_parser("infer", help="answer one question about one image with a VPT model")
     infer.add_argument("question")
