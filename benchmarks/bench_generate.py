@@ -43,7 +43,6 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -229,13 +228,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (< 1 minute on CPU)")
-    parser.add_argument("--shape", choices=["tiny", "2b"], default="tiny", help="tiny test model or Qwen2-VL-2B shapes")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="parameter dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of region,clip,dino,sam")
     parser.add_argument("--answer-tokens", type=int, help="answer length every path decodes")
     parser.add_argument("--batch-size", type=int, help="prompts per call for the throughput figure")
@@ -244,24 +237,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
     parser.add_argument("--warmup", type=int,
                         help="untimed rounds over all cases, after the checking call of each case (itself a warm-up)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default 1 on CPU: steady figures on a shared CPU; see common.py)")
-    parser.add_argument("--peak-tflops", type=float, help="accelerator peak (TFLOP/s) for MFU, if not recognised")
-    parser.add_argument("--llm-layers", type=int, help="2b shape: fewer decoder layers (a cheap check only)")
-    parser.add_argument("--encoder-layers", type=int, help="2b shape: fewer ViT/DINOv2/SAM layers (a cheap check only)")
-    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
-                        help="write this script's section of docs/BENCHMARKS.md (default: yes, except with --quick)")
     args = parser.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "2b" if args.shape == "2b" else "default"]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.finish_arguments(args, PRESETS)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if args.report is None:
-        args.report = not args.quick
-    args.device = torch.device(args.device)
-    args.dtype = common.parse_dtype(args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
 
 

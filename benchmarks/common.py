@@ -19,6 +19,7 @@ Models
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import os
@@ -398,3 +399,34 @@ def set_image_side(processor, side: int) -> None:
 
 def workdir(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take (shape, device, dtype, threads, report); each script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (< 1 minute on CPU)")
+    parser.add_argument("--shape", choices=["tiny", "2b"], default="tiny", help="tiny test model or Qwen2-VL-2B shapes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="parameter dtype (default float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 on CPU: steady figures on a shared CPU; see common.py)")
+    parser.add_argument("--peak-tflops", type=float, help="accelerator peak (TFLOP/s) for MFU, if not recognised")
+    parser.add_argument("--llm-layers", type=int, help="2b shape: fewer decoder layers (a cheap check only)")
+    parser.add_argument("--encoder-layers", type=int, help="2b shape: fewer ViT/DINOv2/SAM layers (a cheap check only)")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                        help="write this script's section of docs/BENCHMARKS.md (default: yes, except with --quick)")
+    return parser
+
+
+def finish_arguments(args, presets: dict) -> None:
+    """Fill options left unset from the script's preset (quick, default or 2b), and resolve device and dtype."""
+    preset = presets["quick" if args.quick else "2b" if args.shape == "2b" else "default"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.report is None:
+        args.report = not args.quick
+    args.device = torch.device(args.device)
+    args.dtype = parse_dtype(args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
