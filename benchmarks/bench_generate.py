@@ -364,14 +364,7 @@ Headlines: batch-1 latency ratios, mean over the kinds.
     print(table)
     for problem in problems:
         print(f"CHECK FAILED: {problem}")
-    if args.report:
-        common.write_section("generate", text)
-        print(f"wrote the generate section of {common.REPORT.relative_to(common.REPO)}")
-    print(f"wall time {elapsed:.0f} s")
-    for key, value in extra.items():
-        print(f"{key}: {value:.3f}")
-    for key, value in headlines.items():
-        print(f"{key}: {value:.3f}")
+    common.finish_run("generate", text if args.report else None, elapsed, {**extra, **headlines})
 
 
 if __name__ == "__main__":

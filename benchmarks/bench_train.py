@@ -651,14 +651,7 @@ settings of {memory_words}.
     print(table)
     if breakdown_text:
         print(breakdown_text)
-    if args.report:
-        common.write_section("train", text)
-        print(f"wrote the train section of {common.REPORT.relative_to(common.REPO)}")
-    print(f"wall time {elapsed:.0f} s")
-    for key, value in extra.items():
-        print(f"{key}: {value:.3f}")
-    for key, value in headlines.items():
-        print(f"{key}: {value:.3f}")
+    common.finish_run("train", text if args.report else None, elapsed, {**extra, **headlines})
 
 
 if __name__ == "__main__":

@@ -430,3 +430,14 @@ def finish_arguments(args, presets: dict) -> None:
         args.report = not args.quick
     args.device = torch.device(args.device)
     args.dtype = parse_dtype(args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+
+
+def finish_run(section: str, text: str | None, elapsed: float, figures: dict[str, float]) -> None:
+    """Write the script's section of docs/BENCHMARKS.md (unless ``text`` is None), then print the
+    figures last, one ``name: value`` per line, headlines at the end."""
+    if text is not None:
+        write_section(section, text)
+        print(f"wrote the {section} section of {REPORT.relative_to(REPO)}")
+    print(f"wall time {elapsed:.0f} s")
+    for key, value in figures.items():
+        print(f"{key}: {value:.3f}")
