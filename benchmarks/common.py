@@ -272,9 +272,8 @@ def build_2b(dtype: torch.dtype, device: torch.device, num_layers: int | None = 
 
     from vpt_plugin.branches import get_branch
     from vpt_plugin.checkpoint import add_vpt_tokens, vpt_token_ids
-    from vpt_plugin.configuration_vpt import VPTQwen2VLConfig
-    from vpt_plugin.modeling_vpt import VPTQwen2VLForConditionalGeneration
-    from vpt_plugin.tiny import QWEN2_VL_CHAT_TEMPLATE, tiny_tokenizer
+    from vpt_plugin.bases.qwen2_vl import QWEN2_VL_CHAT_TEMPLATE, VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration
+    from vpt_plugin.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(0)
     add_vpt_tokens(tokenizer, list(BRANCHES))

@@ -5,7 +5,8 @@ from published_reference import flat_config
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from vpt_plugin import VPTInputError, VPTQwen2VLConfig, VRTQwen2VLConfig, VRTQwen2VLForConditionalGeneration
-from vpt_plugin.tiny import tiny_base_config, tiny_tokenizer
+from vpt_plugin.bases import get_base
+from vpt_plugin.tiny import tiny_tokenizer
 
 PUBLISHED_FIELDS = dict(
     num_inner_forward_run=2, projector_scale=1, para_mask_id=1, para_mask_ratio=1, alignment=False,
@@ -18,7 +19,7 @@ PUBLISHED_FIELDS = dict(
 
 @pytest.mark.parametrize("model_type, config_class", [("qwen2_vl_vpt", VPTQwen2VLConfig), ("vrt_qwen2_vl", VRTQwen2VLConfig)])
 def test_published_config_json_loads_with_every_field(tmp_path, model_type, config_class):
-    base = tiny_base_config(tiny_tokenizer())
+    base = get_base("qwen2_vl").tiny_config(tiny_tokenizer())
     fields = dict(PUBLISHED_FIELDS)
     token_ids = {k: fields.pop(k) for k in list(fields) if k.endswith("_id") and k not in ("para_start_id", "para_end_id")}
     (tmp_path / "config.json").write_text(json.dumps(flat_config(base, fields, token_ids, model_type)))

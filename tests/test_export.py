@@ -35,7 +35,7 @@ DEMO = REPO / "configs" / "demo"
 SCRIPTS = str(Path(sys.executable).parent)
 # Processes run two at a time on small machines: one thread each, or they spin waiting for each other.
 ENV = {**os.environ, "PATH": SCRIPTS + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
-CODE_FILES = {"configuration_vpt.py", "modeling_vpt.py", "processing_vpt.py"}
+CODE_FILES = {"modeling_vpt.py"}
 BASE_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 HUB_REPO = "vpt-tests/tiny-clip-vpt"
 
@@ -285,10 +285,10 @@ def test_exported_folder_holds_safetensors_code_and_a_model_card(exported, name)
         assert "vpt_plugin" not in {n.split(".")[0] for n in _imported_modules(folder / code)}
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "qwen2_vl_vpt"
-    assert config["auto_map"] == {"AutoConfig": "configuration_vpt.VPTQwen2VLConfig",
+    assert config["auto_map"] == {"AutoConfig": "modeling_vpt.VPTQwen2VLConfig",
                                   "AutoModelForImageTextToText": "modeling_vpt.VPTQwen2VLForConditionalGeneration"}
     processor_config = json.loads((folder / "processor_config.json").read_text())
-    assert processor_config["auto_map"] == {"AutoProcessor": "processing_vpt.VPTQwen2VLProcessor"}
+    assert processor_config["auto_map"] == {"AutoProcessor": "modeling_vpt.VPTQwen2VLProcessor"}
     card = (folder / "README.md").read_text()
     front_matter = yaml.safe_load(card.split("---\n")[1])
     assert front_matter["base_model"] == BASE_MODEL and front_matter["license"] == "apache-2.0"

@@ -310,5 +310,6 @@ def test_para_mask_row_without_enough_turns(model, processor):
         [{"role": "user", "content": f"<image>Q? {tokens.action_sequence}{tokens.placeholder}"}],
         [image], {"clip": [image]},
     )
-    with pytest.raises(VPTInputError, match=r"row 0: para mask needs turn 3 \(0-based\) but the row has 2 <\|im_start\|>"):
+    with pytest.raises(VPTInputError, match=r"row 0: para mask needs a turn after the one holding the action token "
+                                            r"\(position \d+\), but the row has 2 <\|im_start\|>"):
         model(**batch_of(processor, [short]))

@@ -3,6 +3,7 @@
 import torch
 
 from vpt_plugin.branches.clip import ClipProjector
+from vpt_plugin.vision_features import VisionFeatures
 from vpt_plugin.branches.dino import DinoProjector
 from vpt_plugin.branches.sam import SamProjector
 
@@ -73,7 +74,7 @@ def test_clip_projector_is_the_identity_without_control_and_reweights_per_image(
     assert all(a is b for a, b in zip(projector.reweight(list(features), None), features))
     control = torch.randn(2, 4)
     with torch.no_grad():
-        out = projector.reweight(projector.project_features(features), control)
+        out = projector.reweight(projector.project_features(VisionFeatures(list(features))), control)
         for image, (f, ctrl) in enumerate(zip(features, control)):
             c = projector.linear_condition(projector.layernorm_condition(ctrl))
             torch.testing.assert_close(out[image], f + (f @ c)[:, None] * c)

@@ -1,43 +1,64 @@
-"""vpt-plugin: Visual Perception Tokens for Qwen2-VL.
+"""vpt-plugin: Visual Perception Tokens for Qwen-VL models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
-Importing the package registers the VPT config, model and processor with transformers' Auto
-classes (``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoProcessor``) under
-``qwen2_vl_vpt`` and, for the released CLIP model, ``vrt_qwen2_vl``, and gives those model types
-Qwen2-VL's weight-key renaming (``key_layout``).
+Importing the package registers every supported base's VPT config, model and processor with
+transformers' Auto classes (``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoProcessor``)
+under the VPT model types (``qwen2_vl_vpt`` and, for the released CLIP model, ``vrt_qwen2_vl``;
+``qwen2_5_vl_vpt``; ``qwen3_vl_vpt``; ``qwen3_vl_moe_vpt``), each with its base's weight-key layout.
 """
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from . import key_layout  # noqa: F401  (registers the weight-key renaming of the VPT model types)
+from .bases import BASES, get_base
+from .bases.qwen2_5_vl import VPTQwen2_5_VLConfig, VPTQwen2_5_VLForConditionalGeneration, VPTQwen2_5_VLProcessor
+from .bases.qwen2_vl import (
+    VPTQwen2VLConfig,
+    VPTQwen2VLForConditionalGeneration,
+    VPTQwen2VLProcessor,
+    VRTQwen2VLConfig,
+    VRTQwen2VLForConditionalGeneration,
+)
+from .bases.qwen3_vl import (
+    VPTQwen3VLConfig,
+    VPTQwen3VLForConditionalGeneration,
+    VPTQwen3VLMoeConfig,
+    VPTQwen3VLMoeForConditionalGeneration,
+    VPTQwen3VLProcessor,
+)
 from .branches import BRANCHES, VPTInputError, get_branch, register_branch
-from .configuration_vpt import VPTQwen2VLConfig, VRTQwen2VLConfig
-from .modeling_vpt import VPTQwen2VLForConditionalGeneration, VRTQwen2VLForConditionalGeneration
-from .processing_vpt import VPTQwen2VLProcessor
 
 __version__ = "0.1.0"
 
 
 def _register_with_transformers() -> None:
-    for config_class, model_class in (
-        (VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration),
-        (VRTQwen2VLConfig, VRTQwen2VLForConditionalGeneration),
-    ):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
-        # Exported folders name VPTQwen2VLProcessor; registered, it also loads without remote code.
-        AutoProcessor.register(config_class, VPTQwen2VLProcessor, exist_ok=True)
+    for base in BASES.values():
+        for model_class in base.model_classes:
+            config_class = model_class.config_class
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+            # Exported folders name the VPT processor; registered, it also loads without remote code.
+            AutoProcessor.register(config_class, base.processor_class, exist_ok=True)
 
 
 _register_with_transformers()
 
 __all__ = [
+    "BASES",
     "BRANCHES",
     "VPTInputError",
     "VPTQwen2VLConfig",
     "VPTQwen2VLForConditionalGeneration",
     "VPTQwen2VLProcessor",
+    "VPTQwen2_5_VLConfig",
+    "VPTQwen2_5_VLForConditionalGeneration",
+    "VPTQwen2_5_VLProcessor",
+    "VPTQwen3VLConfig",
+    "VPTQwen3VLForConditionalGeneration",
+    "VPTQwen3VLMoeConfig",
+    "VPTQwen3VLMoeForConditionalGeneration",
+    "VPTQwen3VLProcessor",
     "VRTQwen2VLConfig",
     "VRTQwen2VLForConditionalGeneration",
+    "get_base",
     "get_branch",
     "register_branch",
 ]

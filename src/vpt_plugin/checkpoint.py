@@ -1,4 +1,4 @@
-"""``vpt init``: a trainable VPT checkpoint from a base Qwen2-VL and branch encoder checkpoints."""
+"""``vpt init``: a trainable VPT checkpoint from a base model (any supported base) and branch encoder checkpoints."""
 
 import math
 from pathlib import Path
@@ -7,9 +7,8 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
+from .bases import get_base
 from .branches import get_branch
-from .configuration_vpt import VPTQwen2VLConfig
-from .modeling_vpt import VPTQwen2VLForConditionalGeneration
 from .vocabulary import TURN_END, TURN_START, new_tokens
 
 # Bookkeeping keys of a saved config.json, not constructor arguments.
@@ -40,7 +39,7 @@ def init_new_token_rows(model, new_ids: list[int], reference_rows: int) -> None:
     """New rows = mean of the existing rows plus N(0, 1/sqrt(d)) noise (LLaMA-Factory's noise_init).
 
     Applied to the ids of the new tokens, which may sit in rows a base reserved beyond its
-    tokenizer (Qwen2-VL pads its vocabulary), so such rows start as LLaMA-Factory's would.
+    tokenizer (the Qwen-VL models pad their vocabulary), so such rows start as LLaMA-Factory's would.
     """
     if not new_ids:
         return
@@ -68,7 +67,8 @@ def init_vpt_checkpoint(
     """Build and save a VPT checkpoint.
 
     Args:
-        base: a Qwen2-VL hub id or local directory (model, tokenizer, processor).
+        base: a hub id or local directory of a supported base (model, tokenizer, processor); its
+            ``model_type`` picks the VPT class (``vpt_plugin.bases``).
         branch_names: the branches to give the model (``dino``, ``sam``, ``clip``).
         encoder_weights: branch name -> encoder checkpoint (hub id, directory, or for SAM an
             official ``sam_vit_*.pth``). A branch with an encoder but no weights starts random.
@@ -94,10 +94,15 @@ def init_vpt_checkpoint(
     new_ids = add_vpt_tokens(tokenizer, branch_names)
 
     base_config = AutoConfig.from_pretrained(base)
-    if base_config.model_type != "qwen2_vl":
-        raise ValueError(f"base {base}: model_type {base_config.model_type!r}, expected a Qwen2-VL ('qwen2_vl')")
+    try:
+        description = get_base(base_config.model_type)
+    except ValueError as error:
+        raise ValueError(f"base {base}: {error}") from None
+    if base_config.model_type != description.model_type:
+        raise ValueError(f"base {base} is already a VPT model ({base_config.model_type!r}); start from its plain "
+                         f"base ({description.model_type!r})")
     base_fields = {k: v for k, v in base_config.to_dict().items() if k not in NOT_CONFIG_FIELDS}
-    config = VPTQwen2VLConfig(
+    config = description.config_class(
         **base_fields,
         vision_encoder_ls=list(branch_names),
         branch_encoder_configs={n: cfg.to_dict() for n, cfg in encoder_configs.items() if n in branch_names},
@@ -111,16 +116,14 @@ def init_vpt_checkpoint(
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        model, loading = VPTQwen2VLForConditionalGeneration.from_pretrained(
-            base, config=config, output_loading_info=True
-        )
+        model, loading = description.model_class.from_pretrained(base, config=config, output_loading_info=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
     branch_prefixes = tuple(f"{attribute}." for attribute in branch_attributes(branch_names))
     unmatched = [key for key in loading["missing_keys"] if not key.startswith(branch_prefixes)]
     if unmatched or loading["unexpected_keys"] or loading["mismatched_keys"]:
         raise ValueError(
-            f"base {base}: not a Qwen2-VL checkpoint this model can start from: missing {sorted(unmatched)[:20]}, "
+            f"base {base}: not a {description.model_type} checkpoint this model can start from: missing {sorted(unmatched)[:20]}, "
             f"unexpected {sorted(loading['unexpected_keys'])[:20]}, mis-shaped {list(loading['mismatched_keys'])[:20]}"
         )
     for name, state in encoder_states.items():

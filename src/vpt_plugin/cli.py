@@ -6,7 +6,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .bases import BASES
 from .branches import get_branch
+from .tiny import DEFAULT_BASE
 
 
 def _encoder_config(branch_name: str, path: str):
@@ -34,13 +36,13 @@ def _init(args) -> None:
         from .tiny import build_tiny_base, tiny_encoder_configs
 
         with tempfile.TemporaryDirectory() as base:
-            build_tiny_base(base, seed=args.seed)
+            build_tiny_base(base, seed=args.seed, base=args.tiny)
             out = init_vpt_checkpoint(
                 base, args.output, branches, encoder_weights, {**tiny_encoder_configs(), **encoder_configs}, **settings
             )
     else:
         if not args.base:
-            raise SystemExit("vpt init: give --base (a Qwen2-VL hub id or directory) or --tiny")
+            raise SystemExit("vpt init: give --base (a base model's hub id or directory) or --tiny")
         out = init_vpt_checkpoint(args.base, args.output, branches, encoder_weights, encoder_configs, **settings)
     print(f"VPT checkpoint with branches {branches} written to {out}")
 
@@ -48,7 +50,11 @@ def _init(args) -> None:
 def _tiny(args) -> None:
     from .tiny import build_tiny_fixtures
 
-    for what, path in build_tiny_fixtures(args.output, args.seed).items():
+    bases = sorted(BASES) if args.base == "all" else [name.strip() for name in args.base.split(",") if name.strip()]
+    unknown = [name for name in bases if name not in BASES]
+    if unknown:
+        raise ValueError(f"--base: {unknown} are not supported bases; choose from {sorted(BASES)} or all")
+    for what, path in build_tiny_fixtures(args.output, args.seed, tuple(bases)).items():
         print(f"tiny {what}: {path}")
 
 
@@ -112,9 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vpt", description="Visual Perception Token tools")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    init = commands.add_parser("init", help="make a trainable VPT checkpoint from a base Qwen2-VL")
-    init.add_argument("--base", help="base Qwen2-VL: hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) or directory")
-    init.add_argument("--tiny", action="store_true", help="build a tiny random base offline instead of --base")
+    init = commands.add_parser("init", help="make a trainable VPT checkpoint from a base model")
+    init.add_argument("--base", help="base model: hub id (e.g. Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct, "
+                      "Qwen/Qwen3-VL-4B-Instruct) or directory; its model_type picks the VPT class")
+    init.add_argument("--tiny", nargs="?", const=DEFAULT_BASE, choices=sorted(BASES), metavar="BASE",
+                      help=f"build a tiny random base offline instead of --base (default {DEFAULT_BASE}; {', '.join(sorted(BASES))})")
     init.add_argument("--output", required=True, help="directory to write the checkpoint to")
     init.add_argument("--branches", default="dino,sam,clip", help="comma-separated: dino, sam, clip")
     init.add_argument("--dino", help="DINOv2 checkpoint (e.g. facebook/dinov2-large)")
@@ -128,9 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     init.set_defaults(run=_init)
 
     tiny = commands.add_parser(
-        "tiny", help="write a tiny random Qwen2-VL and branch encoders (offline fixtures for demos and tests)"
+        "tiny", help="write tiny random bases and branch encoders (offline fixtures for demos and tests)"
     )
-    tiny.add_argument("--output", required=True, help="directory to write qwen2-vl/, dinov2/ and sam/ to")
+    tiny.add_argument("--output", required=True, help="directory to write the bases (qwen2-vl/, ...), dinov2/ and sam/ to")
+    tiny.add_argument("--base", default=DEFAULT_BASE,
+                      help=f"bases to write, comma-separated, or all ({', '.join(sorted(BASES))}; default {DEFAULT_BASE})")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny)
 

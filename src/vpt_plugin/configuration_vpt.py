@@ -1,16 +1,19 @@
-"""Configuration of a Qwen2-VL model with Visual Perception Tokens."""
+"""The VPT fields every VPT config carries, whatever its base model.
 
-from dataclasses import field
+Each base (``vpt_plugin.bases``) makes its VPT config by putting :class:`VPTConfigMixin` in
+front of the base's transformers config, e.g. ``VPTQwen2VLConfig(VPTConfigMixin, Qwen2VLConfig)``.
+"""
 
-from huggingface_hub.dataclasses import strict
-from transformers import Qwen2VLConfig
+from dataclasses import dataclass, field
 
 from .branches import BRANCHES, get_branch
 
 
-@strict
-class VPTQwen2VLConfig(Qwen2VLConfig):
-    """Qwen2-VL config plus every VPT field the released ``config.json`` files carry.
+# A plain dataclass: transformers' configs are strict dataclasses, which collect the fields of
+# every dataclass base; each base's config class applies @strict.
+@dataclass(repr=False, eq=False)
+class VPTConfigMixin:
+    """Every VPT field the released ``config.json`` files carry, for any base model.
 
     Token ids per branch (``detection_image_token_id``, ``detection_action_id``,
     ``detection_action_start_id``, and the ``clip_*`` / ``seg_*`` twins) are named by the
@@ -36,8 +39,6 @@ class VPTQwen2VLConfig(Qwen2VLConfig):
             on purpose (docs/DEVIATIONS.md): input embeddings and every vision encoder run
             under ``no_grad``, and missing ``position_ids`` become 1-D positions rather than M-RoPE.
     """
-
-    model_type = "qwen2_vl_vpt"
 
     num_inner_forward_run: int = 1
     projector_scale: int = 1
@@ -101,9 +102,3 @@ class VPTQwen2VLConfig(Qwen2VLConfig):
             "action_start": getattr(self, tokens.action_start_id_key, None),
         }
 
-
-@strict
-class VRTQwen2VLConfig(VPTQwen2VLConfig):
-    """The released CLIP model's ``model_type`` (``vrt_qwen2_vl``): same config, other name."""
-
-    model_type = "vrt_qwen2_vl"

@@ -2,16 +2,16 @@
 
 Placeholders expand as the published data pipeline expands them: ``<image>`` and each
 branch placeholder become ``<|vision_start|>`` + one pad token per feature token +
-``<|vision_end|>``. Only assistant turns carry labels.
+``<|vision_end|>``. Turns are laid out as the base's LLaMA-Factory template lays them out
+(with its default system turn, if it has one). Only assistant turns carry labels.
 """
 
 import torch
 
+from .bases import get_base
 from .branches import BRANCHES, VPTInputError
 from .modeling_vpt import IGNORE_INDEX
 from .vocabulary import IMAGE_PLACEHOLDER, TURN_END, TURN_START
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: list[int], where: str) -> tuple[str, int]:
@@ -49,8 +49,9 @@ def encode_conversation(processor, config, messages: list[dict], images=None, br
         counts = branch.feature_tokens(config, branch_list, processor)
         placements.append((branch.tokens.placeholder, branch.tokens.image_pad, counts))
 
-    if messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
+    default_system = get_base(config.model_type).default_system
+    if messages[0]["role"] != "system" and default_system is not None:
+        messages = [{"role": "system", "content": default_system}, *messages]
     input_ids, labels = [], []
     used = {placeholder: 0 for placeholder, _, _ in placements}
     for turn, message in enumerate(messages):

@@ -25,8 +25,7 @@ from transformers import (
 
 from .branches import get_branch
 from .checkpoint import NOT_CONFIG_FIELDS, check_state_dict, check_token_ids
-from .configuration_vpt import VPTQwen2VLConfig
-from .modeling_vpt import VPTQwen2VLForConditionalGeneration
+from .bases.qwen2_vl import VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration
 
 # Published key -> ours. Branch modules keep their names.
 KEY_RENAMES = [

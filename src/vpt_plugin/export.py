@@ -2,19 +2,18 @@
 
 An exported folder holds the weights (safetensors), tokenizer, processor, generation config and
 ``config.json`` as ``save_pretrained`` writes them, plus what transformers needs to load the
-model without vpt-plugin: the model code as three flat files (``configuration_vpt.py``,
-``modeling_vpt.py``, ``processing_vpt.py``) named in ``auto_map``, and a model card
-(``README.md``). ``llamafactory-cli export`` writes one for a VPT model
+model without vpt-plugin: the model code as one flat file (``modeling_vpt.py``: config, model
+and processor classes of the model's base) named in ``auto_map``, and a model card (``README.md``). ``llamafactory-cli export`` writes one for a VPT model
 (patches/llamafactory_train_tuner.py), and so does ``vpt export SRC OUT`` for any VPT
 checkpoint (``vpt init``, ``vpt convert``, a training output).
 
-Hugging Face remote code is flat sibling files; ours is a package (``branches/`` with a
-registry, the vocabulary, generation). :func:`assemble_remote_code` builds each flat file from
+Hugging Face remote code is flat sibling files; ours is a package (``branches/`` and ``bases/``
+with registries, the vocabulary, generation). :func:`assemble_remote_code` builds the flat file from
 the package's own source, like transformers' "modular" converter: it takes a file's root
 modules and every module they import relatively, in dependency order, each module's code
 verbatim except for its imports (absolute ones are gathered at the top of the file, relative
-ones dropped, names from another exported file imported from it), the branch auto-discovery
-(the branch modules are listed instead) and ``__all__``. It refuses two modules that define
+ones dropped, names from another exported file imported from it), the branch and base
+auto-discovery (the branch modules and the model's base module are listed instead) and ``__all__``. It refuses two modules that define
 one top-level name differently, and any code left importing ``vpt_plugin``.
 """
 
@@ -32,11 +31,12 @@ import yaml
 logger = logging.getLogger(__name__)
 
 PACKAGE = "vpt_plugin"
-CONFIG_FILE, MODELING_FILE, PROCESSING_FILE = "configuration_vpt.py", "modeling_vpt.py", "processing_vpt.py"
+# One file: each base module defines its config, model and processor classes together.
+MODELING_FILE = "modeling_vpt.py"
 
-# Package-internal definitions that do not travel: the branch auto-discovery (the exported
-# configuration file holds every branch module itself).
-NOT_EXPORTED = {"vpt_plugin.branches": {"_import_branch_modules"}}
+# Package-internal definitions that do not travel: the branch and base auto-discovery (the
+# exported file holds every branch module and the model's base module itself).
+NOT_EXPORTED = {"vpt_plugin.branches": {"_import_branch_modules"}, "vpt_plugin.bases": {"_import_base_modules"}}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -45,20 +45,19 @@ class ExportError(ValueError):
     """The package source or the folder cannot make a Hub-ready model."""
 
 
-def remote_code_roots() -> dict[str, tuple[str, ...]]:
+def remote_code_roots(model_type: str) -> dict[str, tuple[str, ...]]:
     """Exported file -> the package modules it starts from (their relative imports come along)."""
+    from .bases import get_base
     from .branches import BRANCHES
 
     branch_modules = sorted({type(branch).__module__ for branch in BRANCHES.values()})
+    base_module = get_base(model_type).model_class.__module__
     outside = [name for name in branch_modules if not name.startswith(f"{PACKAGE}.branches.")]
+    outside += [] if base_module.startswith(f"{PACKAGE}.bases.") else [base_module]
     if outside:
-        raise ExportError(f"branches defined outside {PACKAGE}.branches cannot be exported: {outside}")
-    return {
-        # The branches right after their registry, so the registry is full before any config is made.
-        CONFIG_FILE: (*branch_modules, f"{PACKAGE}.configuration_vpt"),
-        MODELING_FILE: (f"{PACKAGE}.modeling_vpt", f"{PACKAGE}.key_layout"),
-        PROCESSING_FILE: (f"{PACKAGE}.processing_vpt",),
-    }
+        raise ExportError(f"branches or bases defined outside {PACKAGE}.branches / .bases cannot be exported: {outside}")
+    # The branches right after their registry, so the registry is full before any config is made.
+    return {MODELING_FILE: (*branch_modules, base_module)}
 
 
 # ---------------------------------------------------------------------------- reading modules
@@ -139,9 +138,9 @@ class _FlatFile:
     sections: list = field(default_factory=list)  # each module's code, in order
 
 
-def assemble_remote_code() -> dict[str, str]:
-    """The exported files (name -> source), built from this package's modules."""
-    return assemble(remote_code_roots(), PACKAGE)
+def assemble_remote_code(model_type: str) -> dict[str, str]:
+    """The exported files (name -> source) of a VPT model type, built from this package's modules."""
+    return assemble(remote_code_roots(model_type), PACKAGE)
 
 
 def assemble(roots: dict[str, tuple[str, ...]], package: str) -> dict[str, str]:
@@ -305,7 +304,7 @@ def _render(flat: _FlatFile) -> str:
     if flat.sibling_imports:
         imports += "\n\n" + "\n".join(_from_import(f".{f[:-3]}", names) for f, names in flat.sibling_imports.items())
     sources = ", ".join(module.relative_path for module in flat.modules)
-    # The purpose is that of the module the file is named after (configuration_vpt.py: vpt_plugin.configuration_vpt).
+    # The purpose is that of the module the file is named after (modeling_vpt.py: vpt_plugin.modeling_vpt).
     named_after = [m for m in flat.modules if m.name.rpartition(".")[2] == flat.name.removesuffix(".py")]
     summary = named_after[0].docstring_node().value.value.strip().splitlines()[0] if named_after else "Model code."
     docstring = (
@@ -330,10 +329,10 @@ def _from_import(module: str, names: list[str]) -> str:
 
 def vpt_model_classes() -> dict[str, tuple[str, str]]:
     """``model_type`` -> (config class name, model class name) of every VPT model type."""
-    from .modeling_vpt import VPTQwen2VLForConditionalGeneration, VRTQwen2VLForConditionalGeneration
+    from .bases import BASES
 
-    models = (VPTQwen2VLForConditionalGeneration, VRTQwen2VLForConditionalGeneration)
-    return {model.config_class.model_type: (model.config_class.__name__, model.__name__) for model in models}
+    return {model.config_class.model_type: (model.config_class.__name__, model.__name__)
+            for base in BASES.values() for model in base.model_classes}
 
 
 def finish_hub_folder(folder, base_model: str | None = None, recipe: str | None = None, made_by: str = "",
@@ -362,21 +361,20 @@ def finish_hub_folder(folder, base_model: str | None = None, recipe: str | None 
     if not any(folder.glob("*.safetensors")):
         raise ExportError(f"{folder}: no *.safetensors weights")
 
-    for name, text in assemble_remote_code().items():
+    from .bases import get_base
+
+    for name, text in assemble_remote_code(config["model_type"]).items():
         (folder / name).write_text(text, encoding="utf-8")
     config_class, model_class = classes[config["model_type"]]
-    config["auto_map"] = {
-        "AutoConfig": f"{CONFIG_FILE[:-3]}.{config_class}",
-        "AutoModelForImageTextToText": f"{MODELING_FILE[:-3]}.{model_class}",
-    }
+    code = MODELING_FILE[:-3]
+    config["auto_map"] = {"AutoConfig": f"{code}.{config_class}", "AutoModelForImageTextToText": f"{code}.{model_class}"}
     _write_json(folder / "config.json", config)
 
-    from .processing_vpt import VPTQwen2VLProcessor
-
-    processor = VPTQwen2VLProcessor.from_pretrained(folder)
+    processor_class = get_base(config["model_type"]).processor_class
+    processor = processor_class.from_pretrained(folder)
     processor.save_pretrained(folder)
     processor_config = _read_json(folder / "processor_config.json", "processor_config.json")
-    processor_config["auto_map"] = {"AutoProcessor": f"{PROCESSING_FILE[:-3]}.{VPTQwen2VLProcessor.__name__}"}
+    processor_config["auto_map"] = {"AutoProcessor": f"{code}.{processor_class.__name__}"}
     _write_json(folder / "processor_config.json", processor_config)
 
     if base_model is None:
@@ -423,14 +421,14 @@ def export_checkpoint(src: str, out, base_model: str | None = None, hub_model_id
     """``vpt export``: a VPT checkpoint (directory or Hub id) -> a Hub-ready folder; pushed with ``hub_model_id``."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
-    from .configuration_vpt import VPTQwen2VLConfig
+    from .configuration_vpt import VPTConfigMixin
 
     out = Path(out)
     if Path(src).exists() and out.resolve() == Path(src).resolve():
         raise ExportError(f"{out}: the export goes to another folder than its source")
     config = AutoConfig.from_pretrained(src)
-    if not isinstance(config, VPTQwen2VLConfig):
-        raise ExportError(f"{src}: model_type {config.model_type!r} is not a VPT model (qwen2_vl_vpt, vrt_qwen2_vl)")
+    if not isinstance(config, VPTConfigMixin):
+        raise ExportError(f"{src}: model_type {config.model_type!r} is not a VPT model ({', '.join(vpt_model_classes())})")
     processor = AutoProcessor.from_pretrained(src)
     if not isinstance(processor, ProcessorMixin):
         raise ExportError(f"{src}: no processor (processor_config.json); a VPT model exports with its processor")
@@ -447,22 +445,24 @@ def export_checkpoint(src: str, out, base_model: str | None = None, hub_model_id
 # ---------------------------------------------------------------------------- the model card
 
 
-LICENSE = "apache-2.0"  # Qwen2-VL-2B/7B-Instruct's and vpt-plugin's
+LICENSE = "apache-2.0"  # vpt-plugin's, and that of most Qwen-VL bases (not Qwen2.5-VL-3B's)
 
 
 def model_card(config: dict, base_model: str | None, recipe: str | None, made_by: str, repo_id: str) -> str:
     """README.md of an exported folder: Hub metadata, what VPT is, this model's tokens, usage, recipe."""
     from transformers import __version__ as transformers_version
 
+    from .bases import get_base
     from .branches import get_branch
     from .vocabulary import REENCODING_PROMPT, REGION_END, REGION_PROMPT, REGION_START, X_TOKENS, Y_TOKENS
 
+    base = get_base(config["model_type"])
     metadata = {
         **({"base_model": base_model} if base_model else {}),
         "license": LICENSE,
         "library_name": "transformers",
         "pipeline_tag": "image-text-to-text",
-        "tags": ["visual-perception-tokens", "vpt", "qwen2-vl", "custom_code"]
+        "tags": ["visual-perception-tokens", "vpt", base.model_type.replace("_", "-"), "custom_code"]
         + (["llama-factory"] if "LLaMA-Factory" in made_by else []),
     }
     tokens = [
@@ -488,7 +488,7 @@ def model_card(config: dict, base_model: str | None, recipe: str | None, made_by
 
 # {repo_id}
 
-A Qwen2-VL model with **Visual Perception Tokens** (VPT; Yu, Ma, Wang, ICCV 2025,
+A {base.name} model with **Visual Perception Tokens** (VPT; Yu, Ma, Wang, ICCV 2025,
 [arXiv 2502.17425](https://arxiv.org/abs/2502.17425)).{derived} Before it
 answers, the model may write tokens that ask for a second look at the image: **Region Selection**
 tokens name a box on an 8x8 grid, which is cropped and shown again; **Vision Re-Encoding** tokens
@@ -534,7 +534,7 @@ same folder loads without `trust_remote_code`.
 
 ## Files
 
-`configuration_vpt.py`, `modeling_vpt.py` and `processing_vpt.py` are generated from vpt-plugin's
-modules (each names its sources); the weights are safetensors. The license field is that of
-Qwen2-VL-2B/7B-Instruct and of vpt-plugin; a model made from a base under another license takes that one.
+`{MODELING_FILE}` (config, model and processor classes) is generated from vpt-plugin's modules (it
+names its sources); the weights are safetensors. The license field is vpt-plugin's; a model made from a
+base under another license (Qwen2.5-VL-3B-Instruct's, for one) takes that one.
 """

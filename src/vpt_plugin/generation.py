@@ -40,6 +40,7 @@ from .perception import (
     read_perception,
     region_turn_content,
 )
+from .vision_features import DecoderLayerFeatures, VisionFeatures
 
 
 def rgb(image: Image.Image) -> Image.Image:
@@ -330,8 +331,11 @@ class VPTGenerator:
             positions[:, b, start:] = row.positions[:, row.cached :]
             window_mask[b, start:] = 1
         embeds = self.model.get_input_embeddings()(ids)
-        embeds = self._place_base_images(rows, embeds, length)
+        embeds, image_layers = self._place_base_images(rows, embeds, length)
         features = self._branch_features(rows)
+        image_layers += [(b, self._window_column(rows[b], start, length), feature[3])
+                         for (b, start), feature in features.items()]
+        layer_features = DecoderLayerFeatures.of_images((batch, length), image_layers)
 
         computed = [list(range(row.cached, len(row.tokens))) for row in rows]
         missing = [(row, i) for row in rows for i in self._actions_in_suffix(row) if i - 1 not in row.controls]
@@ -340,24 +344,26 @@ class VPTGenerator:
             first = self._place_branch_features(rows, embeds, length, features, reweight=False)
             first = self._place_controls(rows, first, length)
             columns = self.cache.get_seq_length()
-            states = self._language_model(first, positions, window_mask, extend_mask=False)
+            states = self._language_model(first, positions, window_mask, layer_features, extend_mask=False)
             self.cache.crop(columns)
             self._store_controls(rows, states, computed)
         embeds = self._place_branch_features(rows, embeds, length, features, reweight=True)
         embeds = self._place_controls(rows, embeds, length)
-        states = self._language_model(embeds, positions, window_mask)
+        states = self._language_model(embeds, positions, window_mask, layer_features)
         self._store_controls(rows, states, computed)
         start = self.mask.shape[1] - length
         for row, suffix in zip(rows, suffixes):
             row.columns += list(range(start + length - len(suffix), start + length))
         self._choose_next(rows, states[:, -1])
 
-    def _language_model(self, embeds, positions, window_mask, extend_mask=True):
+    def _language_model(self, embeds, positions, window_mask, layer_features=None, extend_mask=True):
         mask = torch.cat([self.mask, window_mask], dim=1)
         if extend_mask:
             self.mask = mask
+        visual = layer_features.language_model_inputs() if layer_features is not None else {}
         out = self.model.model.language_model(
-            inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=self.cache, use_cache=True
+            inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=self.cache, use_cache=True,
+            **visual,
         )
         return out.last_hidden_state
 
@@ -386,28 +392,37 @@ class VPTGenerator:
 
     # ------------------------------------------------------------ embeddings
 
+    @staticmethod
+    def _window_column(row: Row, index: int, length: int) -> int:
+        """The column of the row's token ``index`` in a window of ``length`` right-aligned new tokens."""
+        return index - row.cached + length - (len(row.tokens) - row.cached)
+
     def _place_base_images(self, rows, embeds, length):
-        """Features of the base images (prompt images, crops) whose pads are among the new tokens."""
+        """Features of the base images (prompt images, crops) whose pads are among the new tokens.
+
+        Returns the embeddings and, per image, ``(batch index, column, per-layer features or None)``.
+        """
         wanted = []  # (batch index, pad start in the window, pixel_values, grid)
         for b, row in enumerate(rows):
-            offset = length - (len(row.tokens) - row.cached) - row.cached
             for (start, _), (pixels, grid) in zip(pad_runs(row.tokens, self.config.image_token_id), row.base_images):
                 if start >= row.cached:
-                    wanted.append((b, start + offset, pixels, grid))
+                    wanted.append((b, self._window_column(row, start, length), pixels, grid))
         if not wanted:
-            return embeds
+            return embeds, []
         pixels = torch.cat([w[2] for w in wanted]).to(self.device, self.model.dtype)
         grids = torch.stack([w[3] for w in wanted]).to(self.device)
-        features = self.model.model.get_image_features(pixels, grids).pooler_output
+        features = self.model.encode_base_images(pixels, grids)
         embeds = embeds.clone()
-        for (b, start, _, _), feature in zip(wanted, features):
+        for (b, start, _, _), feature in zip(wanted, features.per_image):
             embeds[b, start : start + feature.shape[0]] = feature.to(embeds.dtype)
-        return embeds
+        layers = features.layers_per_image()
+        return embeds, [(b, start, image_layers) for (b, start, _, _), image_layers in zip(wanted, layers)]
 
     def _branch_features(self, rows) -> dict:
         """Projected (not yet re-weighted) features of each branch image among the new tokens.
 
-        Returns ``{(batch index, pad start in the row): (branch name, features, action index)}``.
+        Returns ``{(batch index, pad start in the row): (branch name, features, action index, per-layer
+        features or None)}``; per-layer features for branches that re-encode with the base ViT.
         """
         wanted = {}  # branch name -> [(batch index, start, image, action token index)]
         for b, row in enumerate(rows):
@@ -420,9 +435,11 @@ class VPTGenerator:
             branch = get_branch(name)
             images = self.inputs.branch_images(name, [item[2] for item in items])
             inputs = {k: v.to(self.device) for k, v in branch.preprocess(images, self.inputs.processor).items()}
-            projected = self.model.branch_projector(name).project_features(branch.encode(self.model, inputs))
-            for (b, start, _, action), feature in zip(items, projected):
-                found[(b, start)] = (name, feature, action)
+            encoded = branch.encode(self.model, inputs)
+            projected = self.model.branch_projector(name).project_features(encoded)
+            layers = encoded.layers_per_image() if isinstance(encoded, VisionFeatures) else [None] * len(items)
+            for (b, start, _, action), feature, image_layers in zip(items, projected, layers):
+                found[(b, start)] = (name, feature, action, image_layers)
         return found
 
     def _branch_runs(self, row: Row) -> list:
@@ -440,14 +457,14 @@ class VPTGenerator:
         if not features:
             return embeds
         embeds = embeds.clone()
-        for (b, start), (name, feature, action) in features.items():
+        for (b, start), (name, feature, action, _) in features.items():
             row = rows[b]
             control = row.controls.get(action - 1) if action is not None else None
             if reweight and control is None:
                 raise VPTInputError(f"branch {name!r} image without a control state (no {get_branch(name).tokens.action})")
             if reweight:
                 feature = self.model.branch_projector(name).reweight([feature], control[None])[0]
-            column = start - row.cached + length - (len(row.tokens) - row.cached)
+            column = self._window_column(row, start, length)
             embeds[b, column : column + feature.shape[0]] = feature.to(embeds.dtype)
         return embeds
 
@@ -462,7 +479,7 @@ class VPTGenerator:
                 control = row.controls.get(i - 1)
                 if control is not None:
                     embeds = embeds.clone()
-                    embeds[b, length - (len(row.tokens) - i)] = control.to(embeds.dtype)
+                    embeds[b, self._window_column(row, i, length)] = control.to(embeds.dtype)
         return embeds
 
     def _store_controls(self, rows, states, computed):

@@ -1,4 +1,4 @@
-"""Qwen2-VL with Visual Perception Tokens: the two-pass model (method.md section 3).
+"""The VPT model, whatever its base: the two-pass forward (method.md section 3) and one-call generation.
 
 Pass 1 runs the LLM with branch features projected without control; the hidden state at
 each ``<|B_action_start|>`` becomes the control state; pass 2 runs again with that state as
@@ -9,40 +9,57 @@ stops at the batch's last action start and pass 2 reuses pass 1's keys and value
 position before the first one whose input differs, so training costs about one pass; with
 ``reuse_first_pass=False`` both passes run over the whole sequence, as published. The second
 is the straightforward oracle the first is tested against (tests/test_reuse_first_pass.py).
+
+:class:`VPTModelMixin` holds all of it; each base (``vpt_plugin.bases``) makes its VPT model by
+putting the mixin in front of the base's transformers model, e.g.
+``VPTQwen2VLForConditionalGeneration(VPTModelMixin, Qwen2VLForConditionalGeneration)``. The mixin
+uses what the Qwen-VL family of transformers models share (``model.visual``,
+``model.language_model``, ``get_image_features``, ``compute_3d_position_ids``, ``get_rope_index``)
+and adds each base ViT's per-layer features (Qwen3-VL's deepstack) to the decoder as the base does.
 """
 
 import copy
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from types import MethodType
 
 import torch
 from torch import nn
-from transformers import Qwen2VLForConditionalGeneration
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLCausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
-from .configuration_vpt import VPTQwen2VLConfig, VRTQwen2VLConfig
+from .vision_features import DecoderLayerFeatures, VisionFeatures
 
 IGNORE_INDEX = -100
 
 
-class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
-    """Qwen2-VL whose vision branches (``config.vision_encoder_ls``) re-encode on request.
+@dataclass
+class VPTCausalLMOutputWithPast(ModelOutput):
+    """The VPT forward's output: the base models' causal-LM output fields."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    rope_deltas: torch.LongTensor | None = None
+
+
+class VPTModelMixin:
+    """A base model whose vision branches (``config.vision_encoder_ls``) re-encode on request.
 
     Branch modules keep the published attribute names (``detection_model``,
     ``detection_projector``, ``seg_model``, ``seg_projector``, ``clip_projector``), so the
     published recipes' module lists and checkpoints address them unchanged.
     """
 
-    config_class = VPTQwen2VLConfig
-
-    def __init__(self, config: VPTQwen2VLConfig):
+    def __init__(self, config):
         super().__init__(config)
         for name in config.vision_encoder_ls:
             branch = get_branch(name)
@@ -109,10 +126,11 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         video_grid_thw: torch.LongTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> Qwen2VLCausalLMOutputWithPast:
-        r"""The Qwen2-VL arguments, plus each branch's images under the reference's names:
+    ) -> VPTCausalLMOutputWithPast:
+        r"""The base model's arguments, plus each branch's images under the reference's names:
         ``detection_images`` (DINOv2), ``seg_images`` (SAM), ``clip_pixel_values`` with
         ``clip_images_grid_thw`` (the model's own ViT). Branch features are placed on the
         branch's ``<|B_image_pad|>`` tokens in image order.
@@ -142,7 +160,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         with encoders_context:
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds = self._place_base_visuals(
+            inputs_embeds, layer_sources = self._place_base_visuals(
                 input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
             features = {name: get_branch(name).encode(self, inputs) for name, inputs in branch_inputs.items()}
@@ -151,6 +169,8 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             # Otherwise (reference) the language model falls back to 1-D positions, as the published code trains.
             if mm_token_type_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
                 mm_token_type_ids = self._mm_token_type_ids(input_ids)
+            # Qwen2.5-VL's video timing; the other bases have no such argument.
+            video_timing = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
             position_ids = self.model.compute_3d_position_ids(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
@@ -159,14 +179,20 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 attention_mask=attention_mask,
                 past_key_values=past_key_values,
                 mm_token_type_ids=mm_token_type_ids,
+                **video_timing,
             )
 
         # Features in the LLM hidden size, one tensor per image; pass 2 re-weights these same values.
         projected = {name: self.branch_projector(name).project_features(f) for name, f in features.items()}
         pad_masks = {name: self._branch_pad_mask(name, input_ids, projected[name]) for name in projected}
+        # Images of branches that re-encode with the base ViT get its per-layer features too.
+        layer_sources += [(pad_masks[name], f.layers) for name, f in features.items() if isinstance(f, VisionFeatures)]
+        layer_features = DecoderLayerFeatures.merge(layer_sources)
         continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
         action_masks = self._action_masks(input_ids, continuing)
         language_model_inputs = {"position_ids": position_ids, "attention_mask": attention_mask}
+        if layer_features is not None:
+            language_model_inputs.update(layer_features.language_model_inputs())
 
         outputs = None
         if config.num_inner_forward_run == 1:
@@ -192,7 +218,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             elif action_masks:
                 hidden_states = self._two_passes_reusing_prefix(
                     first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask,
-                    position_ids, attention_mask,
+                    position_ids, attention_mask, layer_features,
                 )
                 outputs = BaseModelOutputWithPast(last_hidden_state=hidden_states)
             # Otherwise no row perceives, so pass 2 would repeat pass 1: the one call below is both.
@@ -221,7 +247,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
 
-        return Qwen2VLCausalLMOutputWithPast(
+        return VPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -270,6 +296,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         pixel_values = model_kwargs.pop("pixel_values", None)
         image_grid_thw = model_kwargs.pop("image_grid_thw", None)
         model_kwargs.pop("mm_token_type_ids", None)  # positions are recomputed from the tokens
+        model_kwargs.pop("second_per_grid_ts", None)  # video timing; prompts take images only
         model_kwargs.pop("use_cache", None)
         if model_kwargs.pop("synced_gpus", False):
             # Ranks would decode different numbers of steps, which ZeRO-3's collective gathers cannot.
@@ -319,7 +346,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             projector = self.branch_projector(name)
             if not any(p.requires_grad for p in projector.parameters()):
                 continue
-            features = projector.project_features(get_branch(name).dummy_features(self.config).to(like))
+            features = projector.project_features(get_branch(name).dummy_features(self.config, like))
             control = like.new_zeros(self.config.projector_scale, hidden)
             anchor = anchor + 0.0 * sum(f.sum() for f in projector.reweight(features, control))
         return anchor
@@ -354,12 +381,14 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             and not use_cache
             and not (position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] != 3)
             and not (attention_mask is not None and attention_mask.ndim != 2)
-            and not self.model.language_model.has_sliding_layers
+            # Qwen2-style language models may have sliding-window layers; the others have no such flag.
+            and not getattr(self.model.language_model, "has_sliding_layers", False)
             and not any(kwargs.get(key) for key in ("output_attentions", "output_hidden_states"))
         )
 
     def _two_passes_reusing_prefix(
-        self, first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask, position_ids, attention_mask
+        self, first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask, position_ids,
+        attention_mask, layer_features,
     ):
         """The two passes' final hidden states, computing positions before the first change once.
 
@@ -374,24 +403,25 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         reused = int(changed.any(dim=0).nonzero()[0])
         first_pass_end = int(torch.stack(list(action_masks.values())).any(dim=(0, 1)).nonzero()[-1])
         first_pass_states, first_pass_kv = self._run_language_segment(
-            first_pass_embeds[:, :first_pass_end], position_ids, attention_mask, start=0
+            first_pass_embeds[:, :first_pass_end], position_ids, attention_mask, layer_features, start=0
         )
         inputs_embeds = self._second_pass_embeds(
             inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
         )
         prefix_kv = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in first_pass_kv]
         suffix_states, _ = self._run_language_segment(
-            inputs_embeds[:, reused:], position_ids, attention_mask, start=reused, prefix_kv=prefix_kv
+            inputs_embeds[:, reused:], position_ids, attention_mask, layer_features, start=reused, prefix_kv=prefix_kv
         )
         return torch.cat([first_pass_states[:, :reused], suffix_states], dim=1)
 
-    def _run_language_segment(self, embeds, position_ids, attention_mask, start: int, prefix_kv=None):
+    def _run_language_segment(self, embeds, position_ids, attention_mask, layer_features, start: int, prefix_kv=None):
         """The language model over positions ``start .. start + len`` of the sequence, attending to
         ``prefix_kv`` (per layer, the keys and values of positions ``0 .. start``).
 
         Returns the normed hidden states and each layer's keys and values of the segment. Each
         layer runs as a pure function of its inputs (:func:`_decoder_layer_with_kv`), wrapped in the
-        model's gradient checkpointing function when that is on.
+        model's gradient checkpointing function when that is on; the segment's share of
+        ``layer_features`` is added after the layers that take them, as the language model does.
         """
         text_model = self.model.language_model
         batch, length = embeds.shape[:2]
@@ -407,6 +437,7 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             attention_mask=None if attention_mask is None else attention_mask[:, :end],
             past_key_values=_PrecedingPositions(start) if start else None,
         )
+        segment_features = layer_features.window(start, end) if layer_features is not None else None
         hidden_states, segment_kv = embeds, []
         for index, layer in enumerate(text_model.layers):
             prefix_keys, prefix_values = prefix_kv[index] if prefix_kv is not None else (None, None)
@@ -422,6 +453,10 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             else:
                 hidden_states, keys, values = step(hidden_states, prefix_keys, prefix_values)
             segment_kv.append((keys, values))
+            if segment_features is not None and index < len(segment_features.layers):
+                hidden_states = text_model._deepstack_process(
+                    hidden_states, segment_features.mask, segment_features.layers[index]
+                )
         return text_model.norm(hidden_states), segment_kv
 
     # ----------------------------------------------------------------- inputs
@@ -442,19 +477,32 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             branch_inputs[name] = inputs
         return branch_inputs
 
+    def encode_base_images(self, pixel_values, grid_thw, videos: bool = False) -> VisionFeatures:
+        """The base ViT's features of some images (or videos), and its per-layer features if it has them."""
+        encode = self.model.get_video_features if videos else self.model.get_image_features
+        out = encode(pixel_values, grid_thw)
+        return VisionFeatures(list(out.pooler_output), getattr(out, "deepstack_features", None))
+
     def _place_base_visuals(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, videos, video_grid_thw):
-        """The base model's own images and videos on their pad tokens, as Qwen2-VL places them."""
+        """The base model's own images and videos on their pad tokens, as the base places them.
+
+        Returns the embeddings and ``(positions, per-layer features)`` of the images and videos,
+        for bases that add ViT layers to the decoder (the per-layer features are None otherwise).
+        """
+        layer_sources = []
         if pixel_values is not None:
-            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
-            image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            features = self.encode_base_images(pixel_values, image_grid_thw)
+            image_embeds = torch.cat(features.per_image).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+            layer_sources.append((image_mask[..., 0], features.layers))
         if videos is not None:
-            video_embeds = torch.cat(self.model.get_video_features(videos, video_grid_thw).pooler_output)
-            video_embeds = video_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            features = self.encode_base_images(videos, video_grid_thw, videos=True)
+            video_embeds = torch.cat(features.per_image).to(inputs_embeds.device, inputs_embeds.dtype)
             _, video_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, video_features=video_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
-        return inputs_embeds
+            layer_sources.append((video_mask[..., 0], features.layers))
+        return inputs_embeds, layer_sources
 
     def _mm_token_type_ids(self, input_ids):
         """Text 0, image 1, video 2: what the processor returns, for callers that pass none."""
@@ -522,38 +570,45 @@ class VPTQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 )
 
     def _draw_para_mask(self, input_ids, projected, action_masks) -> torch.Tensor:
-        """Positions pass 2 zeroes: the first user turn (and the branch turn for para_mask_id 2) of rows that re-encode.
+        """Positions pass 2 zeroes in rows that re-encode: the user turn that asked (image and question),
+        and for para_mask_id 2 also the user turn that shows the branch image.
 
         One draw per masked turn and batch, with probability ``para_mask_ratio``, as published.
         Training only (method.md section 3); the published code also masked in eval mode, which
-        ``reference_compat`` keeps.
+        ``reference_compat`` keeps. The published code counted turns from the sequence start (turns
+        1 and 3, after Qwen2-VL's system turn); counting from the action's turn finds the same turns
+        in the released data and stays right for templates without a default system turn (Qwen3-VL).
         """
         mask = torch.zeros_like(input_ids, dtype=torch.bool)
         if self.config.para_mask_id == 0 or not (self.training or self.config.reference_compat):
             return mask
-        rows = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        actions = torch.zeros_like(mask)
         for name in projected:
             if name in action_masks:
-                rows |= action_masks[name].any(dim=1)
-        if not rows.any():
+                actions |= action_masks[name]
+        if not actions.any():
             return mask
-        turns = (1,) if self.config.para_mask_id == 1 else (1, 3)
-        for turn in turns:
+        offsets = (-1,) if self.config.para_mask_id == 1 else (-1, 1)
+        for offset in offsets:
             if torch.rand(1).item() < self.config.para_mask_ratio:
-                mask |= self._turn_interior(input_ids, rows, turn)
+                mask |= self._turn_interior(input_ids, actions, offset)
         return mask
 
-    def _turn_interior(self, input_ids, rows, turn):
-        """Positions strictly between the ``turn``-th ``<|im_start|>`` and ``<|im_end|>`` (0-based) of ``rows``."""
+    def _turn_interior(self, input_ids, actions, offset: int):
+        """Positions strictly between ``<|im_start|>`` and ``<|im_end|>`` of the turn ``offset`` turns
+        after the one holding each row's first action token (rows without one: none)."""
         mask = torch.zeros_like(input_ids, dtype=torch.bool)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        for row in rows.nonzero().flatten().tolist():
+        for row in actions.any(dim=1).nonzero().flatten().tolist():
             starts = (input_ids[row] == self.config.para_start_id).nonzero().flatten()
             ends = (input_ids[row] == self.config.para_end_id).nonzero().flatten()
-            if len(starts) <= turn or len(ends) <= turn:
+            action = int(actions[row].nonzero()[0])
+            turn = int((starts < action).sum()) - 1 + offset
+            if not (0 <= turn < len(starts) and turn < len(ends)):
+                where = "before" if offset < 0 else "after"
                 raise VPTInputError(
-                    f"row {row}: para mask needs turn {turn} (0-based) but the row has {len(starts)} "
-                    f"<|im_start|> and {len(ends)} <|im_end|> tokens"
+                    f"row {row}: para mask needs a turn {where} the one holding the action token (position "
+                    f"{action}), but the row has {len(starts)} <|im_start|> and {len(ends)} <|im_end|> tokens"
                 )
             mask[row] = (positions > starts[turn]) & (positions < ends[turn])
         return mask
@@ -641,8 +696,3 @@ def _images_per_row(images, sizes, batch: int) -> list:
         raise VPTInputError(f"vpt_images has {len(images)} entries for {batch} prompts (one per row, None for none)")
     return list(images)
 
-
-class VRTQwen2VLForConditionalGeneration(VPTQwen2VLForConditionalGeneration):
-    """The released CLIP model's class name (``model_type`` ``vrt_qwen2_vl``); same model."""
-
-    config_class = VRTQwen2VLConfig

@@ -129,8 +129,9 @@ class VisionBranch:
         """Run the encoder on this branch's images; ``inputs`` holds ``pixel_key`` and ``extra_inputs``."""
         raise NotImplementedError
 
-    def dummy_features(self, vpt_config) -> torch.Tensor:
-        """The smallest raw encoder output the projector accepts (one image), for :meth:`project_features`."""
+    def dummy_features(self, vpt_config, like: torch.Tensor):
+        """The smallest raw encoder output the projector accepts (one image), for :meth:`project_features`,
+        with the device and dtype of ``like``."""
         raise NotImplementedError
 
     def preprocess(self, images, processor) -> dict:

@@ -1,19 +1,20 @@
-"""CLIP branch ("clip"): the model's own Qwen2-VL ViT re-encodes the image (tokens ``<|clip_...|>``).
+"""CLIP branch ("clip"): the model's own ViT re-encodes the image (tokens ``<|clip_...|>``).
 
 The ViT merger already outputs the LLM hidden size, so the projector only re-weights:
-without a control state the features pass through unchanged.
+without a control state the features pass through unchanged. On a base whose ViT also feeds
+the first decoder layers (Qwen3-VL's deepstack), the branch images get those features as the
+base's own images do (:class:`VisionFeatures`).
 """
 
-import torch
-
+from ..vision_features import VisionFeatures
 from ..vocabulary import BranchTokens
 from . import register_branch
 from .base import ControlProjector, VisionBranch, VPTInputError
 
 
 class ClipProjector(ControlProjector):
-    def project_features(self, features):
-        return list(features)  # one (tokens_i, hidden) tensor per image, already in hidden size
+    def project_features(self, features: VisionFeatures):
+        return list(features.per_image)  # one (tokens_i, hidden) tensor per image, already in hidden size
 
 
 @register_branch
@@ -33,10 +34,10 @@ class ClipBranch(VisionBranch):
         grid_thw = inputs.get("clip_images_grid_thw")
         if grid_thw is None:
             raise VPTInputError("clip_pixel_values given without clip_images_grid_thw")
-        return model.model.get_image_features(inputs[self.pixel_key], grid_thw).pooler_output
+        return model.encode_base_images(inputs[self.pixel_key], grid_thw)
 
-    def dummy_features(self, vpt_config):
-        return torch.zeros(1, 1, vpt_config.text_config.hidden_size)
+    def dummy_features(self, vpt_config, like):
+        return VisionFeatures([like.new_zeros(1, vpt_config.text_config.hidden_size)])
 
     def preprocess(self, images, processor):
         # The base model's own image processor, with its pixel bounds.

@@ -1,6 +1,5 @@
 """DINOv2 branch ("dino"): patch tokens of a DINOv2 ViT, without CLS (tokens ``<|detection_...|>``)."""
 
-import torch
 from torch import nn
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
@@ -52,8 +51,8 @@ class DinoBranch(VisionBranch):
         pixels = inputs[self.pixel_key].to(encoder.dtype)
         return encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS: 256 tokens at 224x224
 
-    def dummy_features(self, vpt_config):
-        return torch.zeros(1, 1, self.encoder_config(vpt_config).hidden_size)
+    def dummy_features(self, vpt_config, like):
+        return like.new_zeros(1, 1, self.encoder_config(vpt_config).hidden_size)
 
     def preprocess(self, images, processor):
         # DINOv2's own preprocessing: shortest side 256, centre crop 224, ImageNet statistics.

@@ -87,8 +87,8 @@ class SamBranch(VisionBranch):
         pixels = inputs[self.pixel_key].to(encoder.dtype)
         return encoder(pixel_values=pixels).last_hidden_state  # (images, 256, 64, 64)
 
-    def dummy_features(self, vpt_config):
-        return torch.zeros(1, self.encoder_config(vpt_config).output_channels, 4, 4)  # one 4x4 conv window
+    def dummy_features(self, vpt_config, like):
+        return like.new_zeros(1, self.encoder_config(vpt_config).output_channels, 4, 4)  # one 4x4 conv window
 
     def preprocess(self, images, processor):
         # SAM's own preprocessing: long side 1024, ImageNet statistics, padded to 1024x1024.

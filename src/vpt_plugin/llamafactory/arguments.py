@@ -14,7 +14,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# `customize_model_class: vpt` (published recipes): build a VPT model from a plain Qwen2-VL.
+# `customize_model_class: vpt` (published recipes): build a VPT model from a plain base (Qwen2-VL, ...).
 VPT_MODEL_CLASS = "vpt"
 
 # Published fork key -> LLaMA-Factory 0.9.5 key (same meaning).
@@ -48,7 +48,7 @@ class VPTArguments:
 
     customize_model_class: str | None = field(
         default=None,
-        metadata={"help": "`vpt` turns a plain Qwen2-VL `model_name_or_path` into a VPT model (published recipes)."},
+        metadata={"help": "`vpt` turns a plain base `model_name_or_path` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) into a VPT model."},
     )
     vision_encoder_ls: str | None = field(
         default=None, metadata={"help": "The model's branches, comma-separated: dino, sam, clip."}
@@ -81,7 +81,7 @@ class VPTArguments:
     )
     freefreeze: bool = field(default=False, metadata={"help": "Set when the recipe asked for finetuning_type freefreeze."})
 
-    # Filled while loading (not recipe keys): a VPT model is being built around a plain Qwen2-VL,
+    # Filled while loading (not recipe keys): a VPT model is being built around a plain base,
     # and which token ids that added to the tokenizer (whose rows the loader initialises).
     builds_from_base: bool = field(default=False, init=False)
     new_token_ids: list | None = field(default=None, init=False)

@@ -5,7 +5,7 @@ Sharegpt rows plus branch image columns (``detection_images``, ``seg_images``,
 (placeholders against images, image files, crop suffixes, grid tokens); a bad row stops
 the run before training with the dataset, row index and field. The branch images are then
 merged into LLaMA-Factory's one image list, in placeholder order, which is the order the
-``vpt_qwen2_vl`` plugin reads them in.
+VPT templates' plugins read them in.
 """
 
 import os

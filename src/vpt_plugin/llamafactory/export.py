@@ -16,7 +16,7 @@ import logging
 
 import yaml
 
-from ..configuration_vpt import VPTQwen2VLConfig
+from ..configuration_vpt import VPTConfigMixin
 from ..export import finish_hub_folder, hub_id_of, push_hub_folder
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def export_model(upstream_export_model, args=None) -> None:
 
     args, base_model = pop_argument(read_args(args), BASE_MODEL_KEY)
     model_args, _, _, _ = get_infer_args(args)
-    if not isinstance(load_config(model_args), VPTQwen2VLConfig):
+    if not isinstance(load_config(model_args), VPTConfigMixin):
         if base_model:
             raise ValueError(f"{BASE_MODEL_KEY} names the model card's base model of a VPT export; "
                              f"{model_args.model_name_or_path} is not a VPT model")

@@ -1,22 +1,36 @@
-"""LLaMA-Factory multimodal plugin of the ``vpt_qwen2_vl`` template.
+"""LLaMA-Factory multimodal plugins of the VPT templates: each base's plugin with VPT's branch images.
 
-A row's images arrive as one list in placeholder order (the ``vpt_sharegpt`` converter
-merges the branch columns into it). Each placeholder expands, as the published data
-pipeline expands it, to ``<|vision_start|>`` + one pad token per feature token +
-``<|vision_end|>``: ``<image>`` with Qwen2-VL's ``<|image_pad|>``, a branch placeholder with
-that branch's ``<|B_image_pad|>``. In a batch, the token ids say which image is which.
+``vpt_<plugin>`` is the upstream plugin of a base's template (``qwen2_vl``, ``qwen3_vl``) with
+:class:`VPTPluginMixin` in front. A row's images arrive as one list in placeholder order (the
+``vpt_sharegpt`` converter merges the branch columns into it). The base's own ``<image>`` and
+``<video>`` placeholders are expanded by the upstream plugin; each branch placeholder expands, as
+the published data pipeline expands it, to ``<|vision_start|>`` + one pad token per feature token +
+``<|vision_end|>`` with that branch's ``<|B_image_pad|>``. In a batch, the token ids say which
+image is which.
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from llamafactory.data.mm_plugin import Qwen2VLPlugin
+from llamafactory.data.mm_plugin import PLUGINS
 
 from ..branches import BRANCHES, get_branch
 from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, open_image, placeholders_in
 
-PLUGIN_NAME = "vpt_qwen2_vl"
+
+def vpt_template_name(template: str) -> str:
+    """The VPT twin of a LLaMA-Factory template (``qwen2_vl`` -> ``vpt_qwen2_vl``)."""
+    return f"vpt_{template}"
+
+
+def vpt_plugin_name(plugin: str) -> str:
+    """The VPT twin of a LLaMA-Factory multimodal plugin (``qwen3_vl`` -> ``vpt_qwen3_vl``)."""
+    return f"vpt_{plugin}"
+
+
+def vpt_plugin_class(plugin: str) -> type:
+    """The upstream multimodal plugin ``plugin`` with :class:`VPTPluginMixin` in front."""
+    upstream = PLUGINS[plugin]
+    return type(f"VPT{upstream.__name__}", (VPTPluginMixin, upstream), {"__module__": __name__})
 
 
 def vpt_config_of(processor):
@@ -24,14 +38,13 @@ def vpt_config_of(processor):
     config = getattr(processor, "vpt_config", None)
     if config is None:
         raise ValueError(
-            f"template {PLUGIN_NAME} needs a VPT model: `model_name_or_path` is a VPT checkpoint, "
-            "or a Qwen2-VL with `customize_model_class: vpt` and `vision_encoder_ls`"
+            "a VPT template (vpt_...) needs a VPT model: `model_name_or_path` is a VPT checkpoint, "
+            "or a plain base with `customize_model_class: vpt` and `vision_encoder_ls`"
         )
     return config
 
 
-@dataclass
-class VPTQwen2VLPlugin(Qwen2VLPlugin):
+class VPTPluginMixin:
     def _regularize_images(self, images, **kwargs):
         # Paths may carry a crop suffix (`a.jpg_x0,y0,x1,y1`); everything else as upstream.
         return super()._regularize_images([open_image(i) if isinstance(i, str) else i for i in images], **kwargs)
@@ -70,7 +83,7 @@ class VPTQwen2VLPlugin(Qwen2VLPlugin):
         config = vpt_config_of(processor)
         self._check_branches(kinds, config)
 
-        # Qwen2-VL's own handling of <image> and <video> placeholders, on the base images only.
+        # The base plugin's own handling of <image> and <video> placeholders, on the base images only.
         base_images = [image for image, kind in zip(images, kinds) if kind is None]
         messages = super().process_messages(messages, base_images, videos, audios, processor)
 

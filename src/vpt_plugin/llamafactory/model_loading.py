@@ -3,8 +3,8 @@
 Two ways in:
 - ``model_name_or_path`` is a VPT checkpoint (``vpt init``, ``vpt convert``, a VPT training
   output): it loads through the Auto classes; the recipe may change the VPT knobs.
-- A plain Qwen2-VL with ``customize_model_class: vpt`` (the published recipes): the VPT
-  model is built around it in memory: the VPT tokens are added, the branch encoders load
+- A plain base (any supported base: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with
+  ``customize_model_class: vpt`` (the published recipes): the VPT model is built around it in memory: the VPT tokens are added, the branch encoders load
   their published weights (or ``vision_encoder_paths``), the projectors start fresh and the
   new token rows start as the mean of the old rows plus noise.
 """
@@ -14,9 +14,10 @@ import logging
 import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..bases import get_base
 from ..branches import get_branch
 from ..checkpoint import NOT_CONFIG_FIELDS, add_vpt_tokens, check_token_ids, init_new_token_rows, load_strict, vpt_token_ids
-from ..configuration_vpt import VPTQwen2VLConfig
+from ..configuration_vpt import VPTConfigMixin
 from .arguments import VPT_MODEL_CLASS, VPTArguments
 from .metric_tokens import configure_metric
 
@@ -29,8 +30,8 @@ def vpt_arguments(model_args) -> VPTArguments:
 
 
 def builds_vpt_model(config, model_args) -> bool:
-    """Whether this load makes a new VPT model around a plain Qwen2-VL."""
-    return not isinstance(config, VPTQwen2VLConfig) and vpt_arguments(model_args).customize_model_class == VPT_MODEL_CLASS
+    """Whether this load makes a new VPT model around a plain base."""
+    return not isinstance(config, VPTConfigMixin) and vpt_arguments(model_args).customize_model_class == VPT_MODEL_CLASS
 
 
 def vpt_config(config, model_args):
@@ -40,7 +41,7 @@ def vpt_config(config, model_args):
     """
     vpt = vpt_arguments(model_args)
     source = model_args.model_name_or_path
-    if isinstance(config, VPTQwen2VLConfig):
+    if isinstance(config, VPTConfigMixin):
         lacking = [name for name in vpt.branch_names if name not in config.vision_encoder_ls]
         if lacking:
             raise ValueError(
@@ -48,15 +49,15 @@ def vpt_config(config, model_args):
                 f"{source} lacks: it has {config.vision_encoder_ls}"
             )
     elif builds_vpt_model(config, model_args):
-        if config.model_type != "qwen2_vl":
-            raise ValueError(
-                f"customize_model_class: vpt needs a Qwen2-VL `model_name_or_path`; {source} is {config.model_type!r}"
-            )
+        try:
+            base = get_base(config.model_type)
+        except ValueError as error:
+            raise ValueError(f"customize_model_class: vpt, `model_name_or_path` {source}: {error}") from None
         if not vpt.branch_names:
             raise ValueError("customize_model_class: vpt needs `vision_encoder_ls` (dino, sam or clip)")
         base_fields = {k: v for k, v in config.to_dict().items() if k not in NOT_CONFIG_FIELDS}
         encoder_configs = {name: encoder_weights(name, model_args)[0].to_dict() for name in _encoders(vpt)}
-        config = VPTQwen2VLConfig(**base_fields, vision_encoder_ls=vpt.branch_names, branch_encoder_configs=encoder_configs)
+        config = base.config_class(**base_fields, vision_encoder_ls=vpt.branch_names, branch_encoder_configs=encoder_configs)
         vpt.builds_from_base = True
     else:
         return config
@@ -76,7 +77,7 @@ def enable_generation(model, model_args, is_trainable: bool) -> None:
     The processor (kept by :func:`prepare_tokenizer`) hands generation each row's original
     image, and the model gets what it needs to crop and re-encode (``model.vpt_perception``).
     """
-    if not isinstance(model.config, VPTQwen2VLConfig):
+    if not isinstance(model.config, VPTConfigMixin):
         return
     # LLaMA-Factory's patch_model replaces a model's own `generate` with transformers' plain one
     # (for remote-code models); VPT models keep theirs.
@@ -87,16 +88,17 @@ def enable_generation(model, model_args, is_trainable: bool) -> None:
     from llamafactory.data.mm_plugin import get_mm_plugin
 
     from ..generation import PerceptionInputs
-    from .mm_plugin import PLUGIN_NAME
+    from .mm_plugin import vpt_plugin_name
 
-    plugin = get_mm_plugin(PLUGIN_NAME, image_token="<|image_pad|>", video_token="<|video_pad|>")
+    plugin_name = vpt_plugin_name(get_base(model.config.model_type).mm_plugin)
+    plugin = get_mm_plugin(plugin_name, image_token="<|image_pad|>", video_token="<|video_pad|>")
     processor.vpt_generation = True
     model.vpt_perception = PerceptionInputs(processor, prepare_image=plugin.prepare_for_generation(processor))
 
 
 def set_token_ids(config, tokenizer) -> None:
     """Fill the config's missing VPT token ids from the tokenizer; check the ones it has against it."""
-    if not isinstance(config, VPTQwen2VLConfig):
+    if not isinstance(config, VPTConfigMixin):
         return
     for key, value in vpt_token_ids(tokenizer, config.vision_encoder_ls).items():
         if getattr(config, key, None) is None:
@@ -107,11 +109,11 @@ def set_token_ids(config, tokenizer) -> None:
 
 def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
     """After LLaMA-Factory loads the tokenizer: add the VPT tokens of a new VPT model, and give
-    the processor the VPT config (the ``vpt_qwen2_vl`` plugin reads branch token counts from it).
+    the processor the VPT config (the VPT templates' plugins read branch token counts from it).
     """
     tokenizer, processor = tokenizer_module["tokenizer"], tokenizer_module["processor"]
     config = vpt_config(base_config, model_args)
-    if not isinstance(config, VPTQwen2VLConfig):
+    if not isinstance(config, VPTConfigMixin):
         return
     vpt = vpt_arguments(model_args)
     # A new VPT model, or a checkpoint from a stage that lacked some tokens (an alignment model
@@ -126,10 +128,10 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
 
 
 def finish_new_model(model, tokenizer, model_args) -> None:
-    """Encoder weights of a VPT model built around a plain Qwen2-VL, and rows of tokens added now."""
+    """Encoder weights of a VPT model built around a plain base, and rows of tokens added now."""
     config = model.config
     vpt = vpt_arguments(model_args)
-    if not isinstance(config, VPTQwen2VLConfig) or not (vpt.builds_from_base or vpt.new_token_ids):
+    if not isinstance(config, VPTConfigMixin) or not (vpt.builds_from_base or vpt.new_token_ids):
         return
     if vpt.new_token_ids is None:
         raise RuntimeError("a new VPT model needs its tokenizer loaded first (load_tokenizer before load_model)")
