@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 def dino_checkpoint(tiny, tmp_path_factory):
     """A two-pass VPT checkpoint with the DINOv2 branch (what the alignment stage hands on)."""
     return init_vpt_checkpoint(
-        str(tiny["base"]), tmp_path_factory.mktemp("dino-vpt"), ["dino"], encoder_configs=tiny_encoder_configs()
+        str(tiny["qwen2_vl"]), tmp_path_factory.mktemp("dino-vpt"), ["dino"], encoder_configs=tiny_encoder_configs()
     )
 
 
@@ -100,7 +100,7 @@ def test_published_clip_recipe_with_paths_and_hardware_changed(tiny, tmp_path):
     shutil.copy(REPO / "data" / "demo" / "vpt_demo_clip_train.json", data_dir / "vpt_datasets" / "MixVRT_CLIP_Full.json")
     changed = {
         # paths
-        "model_name_or_path": str(tiny["base"]), "dataset_dir": str(data_dir), "media_dir": str(REPO / "data"),
+        "model_name_or_path": str(tiny["qwen2_vl"]), "dataset_dir": str(data_dir), "media_dir": str(REPO / "data"),
         "output_dir": str(tmp_path / "out"),
         # hardware: one CPU, no DeepSpeed, fp32, small batches, few steps, one worker
         "deepspeed": None, "bf16": False, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
@@ -129,7 +129,7 @@ def test_published_clip_recipe_with_paths_and_hardware_changed(tiny, tmp_path):
 
 def test_lora_recipe_trains_saves_and_reloads(tiny, tmp_path):
     recipe = DEMO / "clip_vpt_lora.yaml"
-    args = overrides(model_name_or_path=tiny["base"], output_dir=tmp_path / "out", max_steps=8)
+    args = overrides(model_name_or_path=tiny["qwen2_vl"], output_dir=tmp_path / "out", max_steps=8)
     run_recipe(recipe, tmp_path / "train.log", args, env=ENV)
     losses = training_losses(tmp_path / "out")
     assert losses[-1] < losses[0], losses
@@ -214,7 +214,7 @@ def test_deepspeed_losses_equal_with_and_without_prefix_reuse(dino_checkpoint, t
 def test_resumed_run_repeats_the_uninterrupted_losses(tiny, tmp_path):
     """Stopped after its first checkpoint and resumed: the same losses step for step, para-mask draws included."""
     recipe = DEMO / "clip_vpt.yaml"
-    common = dict(model_name_or_path=tiny["base"], max_steps=8, save_steps=4, logging_steps=1, eval_strategy="'no'")
+    common = dict(model_name_or_path=tiny["qwen2_vl"], max_steps=8, save_steps=4, logging_steps=1, eval_strategy="'no'")
     run_recipe(recipe, tmp_path / "full.log", overrides(**common, output_dir=tmp_path / "full"), env=ENV)
     uninterrupted = training_losses(tmp_path / "full")
 
@@ -277,7 +277,7 @@ def test_bad_dataset_row_stops_before_training_and_loses_nothing(tiny, tmp_path,
     output = tmp_path / "out"
     output.mkdir()
     (output / "earlier_run.txt").write_text("kept")
-    args = overrides(model_name_or_path=tiny["base"], dataset="bad", eval_dataset="bad", dataset_dir=data_dir,
+    args = overrides(model_name_or_path=tiny["qwen2_vl"], dataset="bad", eval_dataset="bad", dataset_dir=data_dir,
                      media_dir=REPO / "data", output_dir=output)
     code, out = cli(["llamafactory-cli", "train", str(DEMO / "clip_vpt.yaml"), *args], tmp_path)
     assert code != 0
@@ -292,11 +292,19 @@ def test_branch_images_need_the_vpt_formatting(tiny, tmp_path):
     info = json.loads((REPO / "data" / "dataset_info.json").read_text())["vpt_demo_clip_train"]
     info = {**info, "formatting": "sharegpt", "file_name": str(REPO / "data" / "demo" / "vpt_demo_clip_train.json")}
     (data_dir / "dataset_info.json").write_text(json.dumps({"released_style": info}))
-    args = overrides(model_name_or_path=tiny["base"], dataset="released_style", dataset_dir=data_dir,
+    args = overrides(model_name_or_path=tiny["qwen2_vl"], dataset="released_style", dataset_dir=data_dir,
                      output_dir=tmp_path / "out", eval_dataset="released_style")
     code, out = cli(["llamafactory-cli", "train", str(DEMO / "clip_vpt.yaml"), *args], tmp_path)
     assert code != 0
     assert "vpt_demo_clip_train.json: columns ['clip_images', 'detection_images', 'seg_images'] need" in out, out[-3000:]
+
+
+def test_vpt_data_needs_a_vpt_template(tiny, tmp_path):
+    args = overrides(model_name_or_path=tiny["qwen2_vl"], template="qwen2_vl", output_dir=tmp_path / "out")
+    code, out = cli(["llamafactory-cli", "train", str(DEMO / "clip_vpt.yaml"), *args], tmp_path)
+    assert code != 0
+    assert ("dataset demo/vpt_demo_clip_train.json (formatting vpt_sharegpt): template 'qwen2_vl' cannot lay out VPT rows; "
+            "use the VPT twin of the base's template, one of ['vpt_qwen2_vl', 'vpt_qwen3_vl_nothink']") in out, out[-3000:]
 
 
 def test_recipe_naming_a_branch_the_checkpoint_lacks(dino_checkpoint, tmp_path):

@@ -24,6 +24,21 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
     # its own perception turns), as the published evaluation's first round; set by the loader patch.
     question_only: bool = False
 
+    def __post_init__(self):
+        # Only a VPT template's plugin expands branch placeholders; another one fails later, unclearly.
+        from llamafactory.data.template import TEMPLATES
+
+        from .mm_plugin import VPTPluginMixin
+
+        template = TEMPLATES.get(self.data_args.template)
+        if template is None or not isinstance(template.mm_plugin, VPTPluginMixin):
+            vpt_templates = sorted(name for name, t in TEMPLATES.items() if isinstance(t.mm_plugin, VPTPluginMixin))
+            raise VPTDataError(
+                f"dataset {self.dataset_attr.dataset_name} (formatting {FORMATTING}): template "
+                f"{self.data_args.template!r} cannot lay out VPT rows; use the VPT twin of the base's template, "
+                f"one of {vpt_templates}"
+            )
+
     def _find_medias(self, medias):
         # Upstream joins media_dir when the joined path is a file (and warns otherwise); a crop
         # suffix must be split off for that test. Bad suffixes are reported with their row below.
