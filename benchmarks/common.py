@@ -270,9 +270,9 @@ def build_2b(dtype: torch.dtype, device: torch.device, num_layers: int | None = 
     """
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
+    from vpt_plugin.bases.qwen2_vl import QWEN2_VL_CHAT_TEMPLATE, VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration
     from vpt_plugin.branches import get_branch
     from vpt_plugin.checkpoint import add_vpt_tokens, vpt_token_ids
-    from vpt_plugin.bases.qwen2_vl import QWEN2_VL_CHAT_TEMPLATE, VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration
     from vpt_plugin.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(0)

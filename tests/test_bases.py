@@ -10,11 +10,14 @@ get the ViT's deepstack features as the base's own images do. The LLaMA-Factory 
 
 import pytest
 import torch
-from conftest import batch_of, reencoding_example, region_example, shape_image
-from peft import LoraConfig, get_peft_model
+from conftest import batch_of, shape_image
 from scripted import ScriptedTurns, prompt_batch
 from test_generation import generate, reference
-from test_reuse_first_pass import assert_same_gradients, loss_and_gradients, mixed_batch, plain_example
+from test_reuse_first_pass import (
+    check_lora_gradients_equal_straightforward,
+    check_reuse_equals_straightforward,
+    plain_example,
+)
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from vpt_plugin.bases import BASES, get_base
@@ -72,35 +75,13 @@ def test_a_sequence_without_vpt_tokens_gives_exactly_the_base_models_logits(base
 @pytest.mark.parametrize("base", OTHER_BASES)
 @pytest.mark.parametrize("checkpointing, para_mask_id", [(None, 2), ("non-reentrant", 1), ("reentrant", 1)])
 def test_reused_prefix_forward_equals_the_straightforward_two_passes(base, vpt_dirs, checkpointing, para_mask_id):
-    model, processor = load(vpt_dirs(base))
-    model.train()
-    model.config.para_mask_id, model.config.para_mask_ratio = para_mask_id, 1.0
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
-    batch = mixed_batch(processor, model.config)  # re-encoding rows of every branch, a region row, a plain row
-    loss, logits, grads = loss_and_gradients(model, batch, reuse=False)
-    fast_loss, fast_logits, fast_grads = loss_and_gradients(model, batch, reuse=True)
-    torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(fast_logits, logits, rtol=1e-5, atol=1e-5)
-    assert_same_gradients(grads, fast_grads, rtol=1e-5)
+    # The mixed batch: re-encoding rows of every branch, a region row, a plain row.
+    check_reuse_equals_straightforward(*load(vpt_dirs(base)), checkpointing, para_mask_id)
 
 
 @pytest.mark.parametrize("base", OTHER_BASES)
 def test_reused_prefix_lora_gradients_equal_the_straightforward_forward(base, vpt_dirs):
-    model, processor = load(vpt_dirs(base))
-    model.config.para_mask_id, model.config.para_mask_ratio = 1, 1.0
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    lora.train()
-    lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora.enable_input_require_grads()
-    for name, parameter in lora.named_parameters():  # LoRA B away from zero, so A gets gradients too
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.02)
-    batch = mixed_batch(processor, model.config)
-    _, _, grads = loss_and_gradients(lora, batch, reuse=False)
-    _, _, fast_grads = loss_and_gradients(lora, batch, reuse=True)
-    assert fast_grads and all("lora_" in name for name in fast_grads)
-    assert_same_gradients(grads, fast_grads, rtol=1e-5)
+    check_lora_gradients_equal_straightforward(*load(vpt_dirs(base)), para_mask_id=1)
 
 
 @pytest.mark.parametrize("base", DEEPSTACK_BASES)

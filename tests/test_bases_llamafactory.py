@@ -9,14 +9,13 @@ same through test_llamafactory*.py and test_export.py.)
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from test_export import BEFORE_EXPORT, EXPORTED, run_side_by_side
+from test_export import probe_before_and_after, run_side_by_side
+from test_llamafactory_inference import check_predictions
 
 from vpt_plugin.bases import get_base
 from vpt_plugin.demo import training_losses
@@ -64,18 +63,7 @@ def runs(tmp_path_factory):
                        "after": {"path": export["export_dir"], "out": str(out[base] / "after")}}
     run_side_by_side(after_training, root)
 
-    blocker = root / "blocker" / "vpt_plugin"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('vpt_plugin is not installed here')\n")
-    run_side_by_side({
-        "before-export": ([sys.executable, "-c", BEFORE_EXPORT, json.dumps([c["before"] for c in cases.values()])], {}),
-        "exported": ([sys.executable, "-c", EXPORTED, json.dumps([c["after"] for c in cases.values()]), str(blocker.parent)],
-                     {"VPT_PLUGIN_DISABLE": "1", "HF_MODULES_CACHE": str(root / "modules")}),
-    }, root)
-    for case in cases.values():
-        for when in ("before", "after"):
-            path = case[when]["out"]
-            case[when].update(json.loads(Path(path + ".json").read_text()), logits=load_file(path + ".safetensors")["logits"])
+    probe_before_and_after(cases, root)
     return {base: {"out": out[base], **cases[base]} for base in BASES}
 
 
@@ -102,13 +90,7 @@ def test_full_and_lora_recipes_train_the_bases_vpt_model(runs, base):
 
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_predict_with_generate_answers_with_the_bases_vpt_loop(runs, base):
-    lines = [json.loads(line) for line in (runs[base]["out"] / "predict" / "generated_predictions.jsonl").read_text().splitlines()]
-    rows = json.loads((REPO / "data" / "demo" / "vpt_demo_clip_test.json").read_text())
-    assert len(lines) == len(rows)
-    for line, row in zip(lines, rows):
-        assert line["prompt"].count("<|im_start|>user") == 1
-        assert line["label"].strip() == row["messages"][-1]["content"]
-        assert set(line["vpt_trace"]) == {"rounds", "first_turn", "problem", "truncated"}
+    check_predictions(runs[base]["out"] / "predict")
 
 
 @pytest.mark.parametrize("base", sorted(BASES))

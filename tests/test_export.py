@@ -242,6 +242,13 @@ def exported(tiny_base_dir, hub, tmp_path_factory):
     for name, case in cases.items():
         case["before"]["out"] = str(root / f"{name}-before")
         case["after"] = {"path": str(case["folder"]), "out": str(root / f"{name}-after")}
+    probe_before_and_after(cases, root)
+    return cases
+
+
+def probe_before_and_after(cases: dict, root: Path) -> None:
+    """Run the probe on each case's model before export (with the plugin) and on its exported folder
+    (where vpt_plugin cannot be imported), side by side; add what each computed to the case."""
     blocker = root / "blocker" / "vpt_plugin"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('vpt_plugin is not installed here')\n")
@@ -254,7 +261,6 @@ def exported(tiny_base_dir, hub, tmp_path_factory):
         for when in ("before", "after"):
             out = case[when]["out"]
             case[when].update(json.loads(Path(out + ".json").read_text()), logits=load_file(out + ".safetensors")["logits"])
-    return cases
 
 
 CASES = ["full", "lora", "converted", "converted_by_vpt_export"]

@@ -42,6 +42,12 @@ def test_predict_writes_final_answers_and_traces(vpt_model, tmp_path):
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = check_predictions(out)
+    assert any(line["vpt_trace"]["rounds"] for line in lines), "the random model asks for perception on some rows"
+
+
+def check_predictions(out: Path) -> list[dict]:
+    """generated_predictions.jsonl of predicting the demo clip split: one line per row, with its trace."""
     lines = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
     rows = json.loads((REPO / "data" / "demo" / "vpt_demo_clip_test.json").read_text())
     assert len(lines) == len(rows)
@@ -50,7 +56,7 @@ def test_predict_writes_final_answers_and_traces(vpt_model, tmp_path):
         assert line["prompt"].count("<|im_start|>user") == 1
         assert line["label"].strip() == row["messages"][-1]["content"]
         assert set(line["vpt_trace"]) == {"rounds", "first_turn", "problem", "truncated"}
-    assert any(line["vpt_trace"]["rounds"] for line in lines), "the random model asks for perception on some rows"
+    return lines
 
 
 CHAT_SCRIPT = """

@@ -3,9 +3,9 @@
 import torch
 
 from vpt_plugin.branches.clip import ClipProjector
-from vpt_plugin.vision_features import VisionFeatures
 from vpt_plugin.branches.dino import DinoProjector
 from vpt_plugin.branches.sam import SamProjector
+from vpt_plugin.vision_features import VisionFeatures
 
 
 def layer_norm(v, weight, bias, eps=1e-5):

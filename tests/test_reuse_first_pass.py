@@ -58,6 +58,11 @@ def assert_same_gradients(expected: dict, found: dict, rtol: float) -> None:
     [(None, 0), (None, 2), ("non-reentrant", 1), ("reentrant", 0), ("reentrant", 2)],
 )
 def test_loss_and_gradients_equal_the_straightforward_forward(model, processor, checkpointing, para_mask_id):
+    check_reuse_equals_straightforward(model, processor, checkpointing, para_mask_id)
+
+
+def check_reuse_equals_straightforward(model, processor, checkpointing, para_mask_id) -> None:
+    """Loss, logits and gradients of the mixed batch, reusing against straightforward (also run per base)."""
     model.train()
     model.config.para_mask_id, model.config.para_mask_ratio = para_mask_id, 1.0
     if checkpointing:
@@ -88,7 +93,11 @@ def test_para_mask_ratio_draws_alike_in_both_forwards(model, processor):
 
 
 def test_lora_gradients_equal_the_straightforward_forward(model, processor):
-    model.config.para_mask_id = 0
+    check_lora_gradients_equal_straightforward(model, processor, para_mask_id=0)
+
+
+def check_lora_gradients_equal_straightforward(model, processor, para_mask_id) -> None:
+    model.config.para_mask_id, model.config.para_mask_ratio = para_mask_id, 1.0
     lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     lora.train()
     lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -23,9 +23,9 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from .bases.qwen2_vl import VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration
 from .branches import get_branch
 from .checkpoint import NOT_CONFIG_FIELDS, check_state_dict, check_token_ids
-from .bases.qwen2_vl import VPTQwen2VLConfig, VPTQwen2VLForConditionalGeneration
 
 # Published key -> ours. Branch modules keep their names.
 KEY_RENAMES = [

@@ -5,20 +5,16 @@ token, as Qwen2-VL. Videos carry ``second_per_grid_ts`` (absolute time in their 
 LLaMA-Factory uses Qwen2-VL's template and plugin for it (VPT twin ``vpt_qwen2_vl``).
 """
 
+from functools import partial
+
 from huggingface_hub.dataclasses import strict
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
-)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from ..configuration_vpt import VPTConfigMixin
 from ..modeling_vpt import VPTModelMixin
 from . import register_base
 from .base import BaseModel
-from .qwen2_vl import QWEN2_VL, QWEN2_VL_CHAT_TEMPLATE, TINY_HIDDEN, QWEN2_VL_TINY_PIXELS, tiny_text_config, tiny_token_ids
+from .qwen2_vl import QWEN2_VL, TINY_HIDDEN, tiny_qwen2_vl_processor, tiny_text_config, tiny_token_ids
 
 
 @strict
@@ -36,16 +32,6 @@ class VPTQwen2_5_VLForConditionalGeneration(VPTModelMixin, Qwen2_5_VLForConditio
 
 class VPTQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor for a VPT model: give it to ``model.generate(..., processor=processor)``."""
-
-
-def tiny_qwen2_5_vl_processor(tokenizer) -> Qwen2_5_VLProcessor:
-    """The plain base's processor at tiny pixel bounds."""
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=QWEN2_VL_TINY_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(size=QWEN2_VL_TINY_PIXELS),
-        tokenizer=tokenizer,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
 
 
 def tiny_qwen2_5_vl_config(tokenizer) -> Qwen2_5_VLConfig:
@@ -72,7 +58,7 @@ QWEN2_5_VL = register_base(
         default_system=QWEN2_VL.default_system,
         hub_ids=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
         tiny_config=tiny_qwen2_5_vl_config,
-        tiny_processor=tiny_qwen2_5_vl_processor,
+        tiny_processor=partial(tiny_qwen2_vl_processor, processor_class=Qwen2_5_VLProcessor),
         tiny_template=QWEN2_VL.tiny_template,
     )
 )

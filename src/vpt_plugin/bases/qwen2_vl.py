@@ -74,9 +74,9 @@ QWEN2_VL_CHAT_TEMPLATE = (
 QWEN2_VL_TINY_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
 
 
-def tiny_qwen2_vl_processor(tokenizer) -> Qwen2VLProcessor:
-    """The plain base's processor at tiny pixel bounds."""
-    return Qwen2VLProcessor(
+def tiny_qwen2_vl_processor(tokenizer, processor_class=Qwen2VLProcessor) -> Qwen2VLProcessor:
+    """The plain base's processor at tiny pixel bounds (Qwen2.5-VL's processor takes the same parts)."""
+    return processor_class(
         image_processor=Qwen2VLImageProcessor(size=QWEN2_VL_TINY_PIXELS),
         video_processor=Qwen2VLVideoProcessor(size=QWEN2_VL_TINY_PIXELS),
         tokenizer=tokenizer,

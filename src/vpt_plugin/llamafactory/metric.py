@@ -9,12 +9,13 @@ with no arguments after loading the tokenizer, so the loader hands the token ids
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import EvalPrediction
 from llamafactory.extras.misc import numpify
 from llamafactory.train.sft.metric import ComputeAccuracy
+from transformers import EvalPrediction
 
 from ..modeling_vpt import IGNORE_INDEX
 from .metric_tokens import _ACTION_IDS, _CLASS_TOKENS
+
 
 @dataclass
 class VPTTokenAccuracy(ComputeAccuracy):

@@ -16,7 +16,14 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..bases import get_base
 from ..branches import get_branch
-from ..checkpoint import NOT_CONFIG_FIELDS, add_vpt_tokens, check_token_ids, init_new_token_rows, load_strict, vpt_token_ids
+from ..checkpoint import (
+    NOT_CONFIG_FIELDS,
+    add_vpt_tokens,
+    check_token_ids,
+    init_new_token_rows,
+    load_strict,
+    vpt_token_ids,
+)
 from ..configuration_vpt import VPTConfigMixin
 from .arguments import VPT_MODEL_CLASS, VPTArguments
 from .metric_tokens import configure_metric
