@@ -21,11 +21,12 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/vpt tiny --output $(TINY)
+	$(VENV)/bin/vpt tiny --base qwen2_vl,qwen3_vl --output $(TINY)
+	$(PY) data/make_detail_data.py --output data/detail
 	$(PY) -m vpt_plugin.demo --tiny $(TINY)
 
 test: install
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache data/detail

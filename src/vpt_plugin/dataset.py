@@ -12,11 +12,10 @@ import re
 from PIL import Image
 
 from .branches import BRANCHES
-from .vocabulary import GRID_SIZE, IMAGE_PLACEHOLDER
+from .vocabulary import GRID_SIZE, GRID_TOKEN_PATTERN, IMAGE_PLACEHOLDER
 
 MAIN_IMAGES = "images"  # column of the base model's own images
 _CROP_SUFFIX = re.compile(r"^(?P<file>.+\.[^._/\\]+)_(?P<box>[^_/\\]*)$")
-_GRID_TOKEN = re.compile(r"<\|([xy])_(\d+)\|>")
 
 
 class VPTDataError(ValueError):
@@ -102,7 +101,7 @@ def row_problems(contents: list[str], images: dict[str, list]) -> list[str]:
     for k, text in enumerate(contents):
         for placeholder in placeholders_in(text):
             found[columns[placeholder]] += 1
-        for axis, index in _GRID_TOKEN.findall(text):
+        for axis, index in GRID_TOKEN_PATTERN.findall(text):
             if int(index) >= GRID_SIZE:
                 problems.append(
                     f"messages[{k}].content: grid token <|{axis}_{index}|> is outside 0..{GRID_SIZE - 1}"

@@ -1,11 +1,18 @@
-"""``python -m vpt_plugin.demo``: every demo recipe through the unmodified ``llamafactory-cli train``.
+"""``python -m vpt_plugin.demo``: a tiny model learns to look again, and the second look measurably helps.
 
-Offline and on CPU: tiny random models (``vpt tiny``), the demo dataset (``data/demo``), and
-the recipes of ``configs/demo`` in order (each branch's alignment, then VPT tuning; full and
-LoRA). After each run it checks that the loss fell and reloads the saved model through
-LLaMA-Factory's own loader to compute its loss on the test split again. Last, it evaluates
-the trained VPT models on the demo test splits (``evaluation/demo.yaml``), with and without
-Visual Perception Tokens, and prints the table.
+Offline and on CPU, through the unmodified ``llamafactory-cli train``. The task
+(``data/make_detail_data.py``) asks for the fine texture of a small purple square: at the base
+image's pixel budget every texture blurs to the same purple, so only a second look can answer. One
+tiny Qwen3-VL (``vpt tiny``) learns both second looks from ``configs/demo/look_again.yaml``:
+Region Selection (it names the square's cell, the crop is shown at full resolution) and Vision
+Re-Encoding with DINOv2 (which sees the image at 224x224). Then ``evaluation/demo.yaml``
+answers the test questions with VPT and with perception suppressed, and the demo prints, per
+test split, both scores, how often the model asked for a second look and how often its region
+was the right cell; it draws some test images with the chosen and the true regions beside the
+score chart (``outputs/demo/look_again.png``).
+
+``--tour`` runs the recipe tour instead: every branch's alignment and VPT stage, the clip branch
+from a plain Qwen2-VL and its LoRA variant (``configs/demo``), each checked to learn, save and reload.
 """
 
 import argparse
@@ -18,8 +25,10 @@ from pathlib import Path
 
 import yaml
 
+PROOF_RECIPE = "look_again"
+
 # (recipe, what it shows); stage 2 of a branch starts from its stage 1 output.
-DEMO_RECIPES = (
+TOUR_RECIPES = (
     ("dino_1_alignment", "DINOv2 branch: projector alignment (one pass), model built from a plain Qwen2-VL"),
     ("dino_2_vpt", "DINOv2 branch: VPT tuning (two passes, para mask), vision encoders frozen"),
     ("sam_1_alignment", "SAM branch: projector alignment"),
@@ -75,19 +84,109 @@ def reload_and_evaluate(recipe: Path, log: Path, extra_args: tuple[str, ...] = (
     return metrics["eval_loss"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=Path, default=Path("configs/demo"))
-    parser.add_argument("--tiny", type=Path, default=Path("outputs/tiny"), help="where `vpt tiny` wrote its models")
-    parser.add_argument("--evaluation", type=Path, default=Path("evaluation/demo.yaml"), help="evaluation settings")
-    args = parser.parse_args()
-    if not (args.tiny / "qwen2-vl" / "config.json").is_file():
-        from .tiny import build_tiny_fixtures
+# ---------------------------------------------------------------------------- the proof
 
-        build_tiny_fixtures(args.tiny)
+
+def look_again(configs: Path, evaluation: Path, data: Path) -> dict:
+    """Train the look-again model, evaluate it with and without VPT; returns the evaluation table."""
+    from .evaluation.runner import evaluate, load_settings, main_parser
+
+    if not (data / "detail" / "detail_region_train.json").is_file():
+        subprocess.run([sys.executable, str(data / "make_detail_data.py"), "--output", str(data / "detail")], check=True,
+                       stdout=subprocess.DEVNULL)
+    recipe = configs / f"{PROOF_RECIPE}.yaml"
+    output_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+    print(f"== {PROOF_RECIPE}: a tiny Qwen3-VL learns Region Selection and DINOv2 re-encoding on the texture task",
+          flush=True)
     started = time.perf_counter()
-    for name, what in DEMO_RECIPES:
-        recipe = args.configs / f"{name}.yaml"
+    run_recipe(recipe, output_dir.with_suffix(".log"))
+    losses = training_losses(output_dir)
+    print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logs in {time.perf_counter() - started:.0f}s",
+          flush=True)
+    print("== evaluation: the test questions with VPT and with perception suppressed", flush=True)
+    settings = load_settings(main_parser().parse_args(["--config", str(evaluation)]), repo=Path.cwd())
+    table = evaluate(settings)
+    print(proof_table(table))
+    picture = Path(settings["output_dir"]).parent / f"{PROOF_RECIPE}.png"
+    draw_proof(table, Path(settings["output_dir"]), Path(settings["dataset_dir"]), picture)
+    print(f"picture of test answers and the score chart: {picture}")
+    return table
+
+
+def proof_table(table: dict) -> str:
+    """Markdown, per model and test split: exact match with VPT and suppressed, looks, region hits."""
+    lines = ["| model | test split | with VPT | perception suppressed | asked for a look | region = true cell |",
+             "|---|---|---|---|---|---|"]
+    for label, per_dataset in table.items():
+        if label.endswith(" (no VPT)"):
+            continue
+        suppressed = table.get(f"{label} (no VPT)", {})
+        for dataset, scores in per_dataset.items():
+            without = suppressed.get(dataset, {}).get("metric_mean")
+            regions = scores.get("region_items", 0)
+            hits = f"{100 * scores['region_cell_hits'] / regions:.0f}%" if regions else "-"
+            lines.append(f"| {label} | {dataset} | {100 * scores['metric_mean']:.1f} | "
+                         f"{'n/a' if without is None else f'{100 * without:.1f}'} | "
+                         f"{100 * scores['perceived'] / scores['items']:.0f}% | {hits} |")
+    return "\n".join(lines)
+
+
+def draw_proof(table: dict, evaluation_dir: Path, dataset_dir: Path, path: Path, shown: int = 6) -> None:
+    """Test images of the region split with the chosen (red) and true (green) regions and both answers,
+    beside the score chart (with VPT, perception suppressed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import ImageDraw
+
+    from .dataset import open_image
+    from .evaluation.runner import read_jsonl
+    from .inference import draw_regions
+    from .vocabulary import crop_pixels
+
+    model = next(label for label in table if not label.endswith(" (no VPT)"))
+    split = next(d for d, scores in table[model].items() if scores.get("region_items"))
+    with_vpt = read_jsonl(evaluation_dir / model / "vpt" / split / "predictions.jsonl")
+    without = read_jsonl(evaluation_dir / model / "no_vpt" / split / "predictions.jsonl")
+    figure = plt.figure(figsize=(3 * shown, 6.8))
+    grid = figure.add_gridspec(2, shown, height_ratios=[1.1, 1])
+    for k, index in enumerate(sorted(with_vpt)[:shown]):
+        item = with_vpt[index]
+        image = open_image(item["image"] if Path(item["image"]).is_file() else str(dataset_dir / item["image"])).convert("RGB")
+        if item.get("reference_region"):  # under the chosen one, wider, so both show where they agree
+            ImageDraw.Draw(image).rectangle(crop_pixels(item["reference_region"], *image.size), outline="lime", width=7)
+        drawn = draw_regions(image, item["trace"], colour="red")
+        axes = figure.add_subplot(grid[0, k])
+        axes.imshow(drawn)
+        axes.set_axis_off()
+        axes.set_title(f"truth: {item['reference']}\nVPT: {item['answer']}\nno VPT: {without[index]['answer']}",
+                       fontsize=9)
+    axes = figure.add_subplot(grid[1, :])
+    splits = [d for d in table[model]]
+    suppressed = table.get(f"{model} (no VPT)", {})
+    positions = range(len(splits))
+    axes.bar([p - 0.2 for p in positions], [100 * table[model][d]["metric_mean"] for d in splits], 0.4,
+             label="with VPT", color="tab:red")
+    axes.bar([p + 0.2 for p in positions], [100 * suppressed[d]["metric_mean"] if d in suppressed else 0 for d in splits],
+             0.4, label="perception suppressed", color="tab:gray")
+    axes.set_xticks(list(positions), splits)
+    axes.set_ylabel("exact match (x100)")
+    axes.set_ylim(0, 100)
+    axes.legend()
+    figure.suptitle("Region Selection on test images: red, the crop the model chose; green, the crop of the true cells")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------- the recipe tour
+
+
+def tour(configs: Path) -> None:
+    started = time.perf_counter()
+    for name, what in TOUR_RECIPES:
+        recipe = configs / f"{name}.yaml"
         output_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
         print(f"== {name}: {what}", flush=True)
         t0 = time.perf_counter()
@@ -101,11 +200,25 @@ def main() -> None:
             raise SystemExit(f"{name}: reloaded test loss {reloaded} differs from the run's own {in_training}")
         print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} logs, {time.perf_counter() - t0:.0f}s; "
               f"reloaded from {output_dir}: test loss {reloaded:.3f}", flush=True)
-    print(f"all {len(DEMO_RECIPES)} demo recipes trained, saved and reloaded in {time.perf_counter() - started:.0f}s")
-    print("== evaluation: the trained VPT models on the demo test splits, with VPT and with it suppressed", flush=True)
-    from .evaluation.runner import main as evaluate
+    print(f"all {len(TOUR_RECIPES)} tour recipes trained, saved and reloaded in {time.perf_counter() - started:.0f}s")
 
-    evaluate(["--config", str(args.evaluation)], repo=Path.cwd())
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=Path, default=Path("configs/demo"))
+    parser.add_argument("--tiny", type=Path, default=Path("outputs/tiny"), help="where `vpt tiny` wrote its models")
+    parser.add_argument("--data", type=Path, default=Path("data"), help="dataset_dir (the look-again task goes to detail/)")
+    parser.add_argument("--evaluation", type=Path, default=Path("evaluation/demo.yaml"), help="evaluation settings")
+    parser.add_argument("--tour", action="store_true", help="run the recipe tour instead of the look-again proof")
+    args = parser.parse_args()
+    if not all((args.tiny / folder / "config.json").is_file() for folder in ("qwen2-vl", "qwen3-vl", "dinov2")):
+        from .tiny import build_tiny_fixtures
+
+        build_tiny_fixtures(args.tiny, bases=("qwen2_vl", "qwen3_vl"))
+    if args.tour:
+        tour(args.configs)
+    else:
+        look_again(args.configs, args.evaluation, args.data)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The strings are exactly those of the released checkpoints and data
 token ids from the config or asks this module for strings.
 """
 
+import re
 from dataclasses import dataclass
 
 GRID_SIZE = 8  # Region Selection boxes live on a fixed 8x8 grid over the image.
@@ -13,6 +14,8 @@ REGION_START = "<|region_token_start|>"
 REGION_END = "<|region_token_end|>"
 X_TOKENS = tuple(f"<|x_{i}|>" for i in range(GRID_SIZE))
 Y_TOKENS = tuple(f"<|y_{i}|>" for i in range(GRID_SIZE))
+# A grid token in text, any index (the data checks name indices outside the grid).
+GRID_TOKEN_PATTERN = re.compile(r"<\|([xy])_(\d+)\|>")
 
 # Chat-turn delimiters of the Qwen2-VL template; para masking counts turns by them.
 TURN_START = "<|im_start|>"
@@ -132,6 +135,12 @@ def crop_pixels(box: tuple[int, int, int, int], width: int, height: int) -> tupl
     x_max, y_max = min(x_max + 1, GRID_SIZE - 1), min(y_max + 1, GRID_SIZE - 1)
     cell_w, cell_h = width / GRID_SIZE, height / GRID_SIZE
     return int(x_min * cell_w), int(y_min * cell_h), int((x_max + 1) * cell_w), int((y_max + 1) * cell_h)
+
+
+def grid_indices_in_text(text: str) -> tuple[list[int], list[int]]:
+    """The x and y grid indices written in ``text`` (e.g. a region's token text), in order."""
+    found = GRID_TOKEN_PATTERN.findall(text)
+    return [int(i) for axis, i in found if axis == "x"], [int(i) for axis, i in found if axis == "y"]
 
 
 def grid_indices_from_ids(token_ids: list[int], tokenizer) -> tuple[list[int], list[int]]:

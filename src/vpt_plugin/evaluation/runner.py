@@ -7,8 +7,11 @@ match) and, when a judge is configured, with the paper's LLM judge. Writes under
 ``output_dir``:
 - ``<model>/<variant>/<dataset>/predictions.jsonl``: question, answer, reference, trace;
 - ``.../judge.jsonl``: the judge's score or why the answer is unscored;
-- ``.../scores.json``; ``summary.md``, ``summary.csv`` (one column per dataset plus the
-  average, as the paper's tables) and ``summary.png`` (a bar chart comparing models).
+- ``.../scores.json``: the score, how often the model asked for a second look and, on rows whose
+  reference first turn names a region, how often its region was that cell (and, when the row gives
+  the object's ``box``, how often its crop held the whole object);
+- ``summary.md``, ``summary.csv`` (one column per dataset plus the average, as the paper's
+  tables; ``summary.md`` also tabulates the second looks) and ``summary.png`` (a bar chart).
 Everything is appended item by item, so an interrupted run resumes where it stopped and
 finishes with the same results.
 """
@@ -23,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..dataset import VPTDataError, split_crop
+from ..vocabulary import grid_box, grid_indices_in_text
 from .judge import JudgeConfig, judge_answers, summarize
 from .metrics import default_metric, score
 
@@ -97,7 +101,14 @@ def read_items(path: Path, dataset_dir: Path, limit: int | None) -> list[dict]:
             file, _ = split_crop(images[0])
             image = str(dataset_dir / images[0]) if (dataset_dir / file).is_file() else images[0]
         reference = messages[-1]["content"].replace(REFERENCE_PREFIX, "")
-        items.append({"index": index, "question": messages[0]["content"], "image": image, "reference": reference})
+        item = {"index": index, "question": messages[0]["content"], "image": image, "reference": reference}
+        if len(messages) >= 4 and messages[1].get("role") == "assistant":
+            xs, ys = grid_indices_in_text(messages[1]["content"])
+            if xs and ys:
+                item["reference_region"] = list(grid_box(xs, ys))
+        if row.get("box"):
+            item["box"] = list(row["box"])
+        items.append(item)
     return items
 
 
@@ -160,7 +171,7 @@ def judge(predictions: list[dict], out: Path, config: JudgeConfig) -> list[dict]
 
 
 def evaluate(settings: dict) -> dict:
-    """Run every model, variant and dataset; returns ``{row label: {dataset: score}}``."""
+    """Run every model, variant and dataset; returns ``{row label: {dataset: scores.json's content}}``."""
     from ..inference import load_vpt_model
 
     output_dir = Path(settings["output_dir"])
@@ -182,8 +193,8 @@ def evaluate(settings: dict) -> dict:
                                       f"{label} / {name}")
                 scores = score_predictions(predictions, name, settings, judge_config, out)
                 (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-                table[label][name] = scores["judge_mean"] if judge_config else scores["metric_mean"]
-    write_summary(table, output_dir, "LLM judge" if judge_config else "offline metric")
+                table[label][name] = scores
+    write_summary(table, output_dir, "judge_mean" if judge_config else "metric_mean")
     return table
 
 
@@ -196,6 +207,7 @@ def score_predictions(predictions, dataset_name, settings, judge_config, out: Pa
         "metric_mean": sum(per_item) / len(per_item) if per_item else None,
         "perceived": sum(bool(p["trace"]["rounds"]) for p in predictions),
         "malformed": sum(bool(p["trace"]["problem"]) for p in predictions),
+        **region_scores(predictions),
     }
     if judge_config:
         from .judge import JudgeResult
@@ -207,19 +219,47 @@ def score_predictions(predictions, dataset_name, settings, judge_config, out: Pa
     return scores
 
 
-def write_summary(table: dict, output_dir: Path, what: str) -> None:
-    """The paper's layout: one row per model, one column per dataset, then the average."""
+def region_scores(predictions: list[dict]) -> dict:
+    """Second looks at a region, on rows whose reference names one: the model's first region is the
+    reference cell (``region_cell_hits``); its crop holds the whole object box (``region_object_hits``)."""
+    with_region = [p for p in predictions if p.get("reference_region")]
+    if not with_region:
+        return {}
+    cell_hits = object_hits = with_box = 0
+    for p in with_region:
+        chosen = next((r for r in p["trace"]["rounds"] if r.get("grid_boxes")), None)
+        chosen_box = chosen["grid_boxes"][0] if chosen else None
+        cell_hits += chosen_box == p["reference_region"]
+        if p.get("box"):
+            with_box += 1
+            if chosen:
+                left, top, right, bottom = chosen["pixel_boxes"][0]
+                x0, y0, x1, y1 = p["box"]
+                object_hits += left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
+    scores = {"region_items": len(with_region), "region_cell_hits": cell_hits}
+    if with_box:
+        scores.update(region_object_items=with_box, region_object_hits=object_hits)
+    return scores
+
+
+SCORE_NAMES = {"judge_mean": "LLM judge", "metric_mean": "offline metric"}
+
+
+def write_summary(table: dict, output_dir: Path, score_key: str) -> None:
+    """The paper's layout: one row per model, one column per dataset, then the average; below it,
+    how often each model asked for a second look and whether its regions were the right ones."""
+    what = SCORE_NAMES[score_key]
     datasets = list(dict.fromkeys(d for row in table.values() for d in row))
     rows = []
     for label, scores in table.items():
-        values = [scores.get(d) for d in datasets]
+        values = [scores[d][score_key] if d in scores else None for d in datasets]
         known = [v for v in values if v is not None]
         rows.append([label, *values, sum(known) / len(known) if known else None])
     header = ["model", *datasets, "Average"]
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([row[0], *map(show, row[1:])]) + " |" for row in rows]
-    markdown = f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n"
+    markdown = f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n\n" + looks_table(table)
     (output_dir / "summary.md").write_text(markdown)
     with open(output_dir / "summary.csv", "w", newline="") as out:
         writer = csv.writer(out)
@@ -227,6 +267,20 @@ def write_summary(table: dict, output_dir: Path, what: str) -> None:
         writer.writerows([[row[0], *("" if v is None else f"{v:.6f}" for v in row[1:])] for row in rows])
     _bar_chart(rows, header, output_dir / "summary.png", what)
     print(markdown)
+
+
+def looks_table(table: dict) -> str:
+    """Markdown: per model and dataset, the share of answers after a second look and, where the
+    reference names a region, the share whose region was that cell (and whose crop held the object)."""
+    percent = lambda hits, count: f"{100 * hits / count:.0f}% ({hits}/{count})" if count else "-"  # noqa: E731
+    lines = ["Second looks", "", "| model | dataset | asked for a look | region = reference cell | crop holds the object |",
+             "|---|---|---|---|---|"]
+    for label, per_dataset in table.items():
+        for dataset, scores in per_dataset.items():
+            lines.append(f"| {label} | {dataset} | {percent(scores['perceived'], scores['items'])} | "
+                         f"{percent(scores.get('region_cell_hits', 0), scores.get('region_items', 0))} | "
+                         f"{percent(scores.get('region_object_hits', 0), scores.get('region_object_items', 0))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _bar_chart(rows, header, path: Path, what: str) -> None:
@@ -249,7 +303,7 @@ def _bar_chart(rows, header, path: Path, what: str) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None, repo: Path = Path.cwd()) -> None:
+def main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate VPT models (two-round VPT answers, scored)")
     parser.add_argument("--config", help="YAML with models, datasets and settings (see evaluation/evaluation.yaml)")
     parser.add_argument("--model", action="append", help="NAME=PATH of a VPT checkpoint; repeatable")
@@ -262,5 +316,9 @@ def main(argv: list[str] | None = None, repo: Path = Path.cwd()) -> None:
     parser.add_argument("--device")
     parser.add_argument("--compare-no-perception", action="store_true",
                         help="also answer with perception tokens suppressed, to measure what VPT adds")
+    return parser
+
+
+def main(argv: list[str] | None = None, repo: Path = Path.cwd()) -> None:
     logging.basicConfig(level=logging.WARNING)
-    evaluate(load_settings(parser.parse_args(argv), repo))
+    evaluate(load_settings(main_parser().parse_args(argv), repo))

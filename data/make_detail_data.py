@@ -1,0 +1,171 @@
+"""Write the "look again" task (data/detail/), where only a second look can answer, deterministically.
+
+Each 256x256 image has one purple square, filling a 2x2 block of cells of the 8x8 grid (on even
+cells; a tiny model learns to find one object in minutes, not to tell it among others). The
+square carries a fine texture: horizontal
+lines, vertical lines, a checkerboard (each one pixel wide, light and dark purple) or none. The
+question asks which. At the base model's pixel budget in the demo (128x128, half the size) every
+texture averages to the same purple: the first look finds the square but cannot tell its texture.
+The second look can: the region crop is shown at full resolution, and the DINOv2 branch sees the
+image at 224x224.
+
+Files, sharegpt ``messages`` + ``images`` and the branch columns, as released:
+- ``detail_region_{train,test}.json``: question + Region Selection prompt -> the square's cells
+  -> the crop -> the answer. In ``train`` some rows answer directly instead, so the model also
+  learns its best answer without a second look (what it says when perception is suppressed).
+  Each row also has the square's pixel ``box``, which the evaluation checks crops against.
+- ``detail_dino_{train,test}.json``: question + Vision Re-Encoding prompt -> the DINOv2 action
+  -> the image through DINOv2 -> the answer; likewise with some direct answers in ``train``.
+
+Run from the repository root: ``python data/make_detail_data.py [--output data/detail]``; the
+images are written next to the files, their paths relative to ``--output``'s parent (the
+``dataset_dir`` of LLaMA-Factory, ``data/``).
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from vpt_plugin.branches import get_branch
+from vpt_plugin.vocabulary import (
+    GRID_SIZE,
+    IMAGE_PLACEHOLDER,
+    REENCODING_PROMPT,
+    REGION_PROMPT,
+    crop_pixels,
+    region_sequence,
+)
+
+IMAGE_SIZE = 256
+CELL = IMAGE_SIZE // GRID_SIZE
+BLOCK = 2  # squares fill 2x2 cells, on even cells
+MARGIN = 8  # background around the square inside its block: where it is shows in the colour there
+
+
+def background() -> Image.Image:
+    """Red rises from left to right, blue from top to bottom: where the square is shows in the
+    colour around it, which a tiny model learns to read in minutes (a big one has scenes for that)."""
+    ramp = [30 + 200 * i // (IMAGE_SIZE - 1) for i in range(IMAGE_SIZE)]
+    red, blue = Image.new("L", (IMAGE_SIZE, 1)), Image.new("L", (1, IMAGE_SIZE))
+    red.putdata(ramp)
+    blue.putdata(ramp)
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    return Image.merge("RGB", (red.resize(size), Image.new("L", size, 150), blue.resize(size)))
+# The texture's two tones, as far apart as a purple allows, and their mean, the colour of the square
+# without texture: at half size every texture is this colour.
+LIGHT, DARK = (255, 0, 255), (0, 0, 0)
+PLAIN = tuple((light + dark) // 2 for light, dark in zip(LIGHT, DARK))
+TEXTURES = ("horizontal", "vertical", "checked", "none")
+QUESTION = "Which pattern does the purple square have?"
+SPLITS = {"train": 400, "test": 48}  # images per split
+DIRECT_SHARE = 0.2  # training rows that answer without a second look
+
+
+def texture_colour(texture: str, x: int, y: int) -> tuple[int, int, int]:
+    if texture == "horizontal":
+        return DARK if y % 2 else LIGHT
+    if texture == "vertical":
+        return DARK if x % 2 else LIGHT
+    if texture == "checked":
+        return DARK if (x + y) % 2 else LIGHT
+    return PLAIN
+
+
+def square_box(block: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Pixel box ``(left, top, right, bottom)`` of the square in a block of cells (right, bottom exclusive)."""
+    size = BLOCK * CELL
+    return block[0] * size + MARGIN, block[1] * size + MARGIN, (block[0] + 1) * size - MARGIN, (block[1] + 1) * size - MARGIN
+
+
+def draw_image(rng: random.Random) -> tuple[Image.Image, dict]:
+    image = background()
+    block = rng.randrange(GRID_SIZE // BLOCK), rng.randrange(GRID_SIZE // BLOCK)
+    texture = rng.choice(TEXTURES)
+    box = square_box(block)
+    pixels = image.load()
+    for y in range(box[1], box[3]):
+        for x in range(box[0], box[2]):
+            pixels[x, y] = texture_colour(texture, x, y)
+    x, y = block[0] * BLOCK, block[1] * BLOCK
+    return image, {"cells": (x, y, x + BLOCK - 1, y + BLOCK - 1), "texture": texture, "box": box}
+
+
+def direct_row(path: str, question: dict, facts: dict) -> dict:
+    """The question answered at once, from the first look only."""
+    return {"messages": [question, {"role": "assistant", "content": facts["texture"]}], "images": [path]}
+
+
+def region_row(path: str, facts: dict, direct: bool) -> dict:
+    x0, y0, x1, y1 = facts["cells"]
+    question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REGION_PROMPT}"}
+    if direct:
+        return direct_row(path, question, facts)
+    left, top, right, bottom = crop_pixels(facts["cells"], IMAGE_SIZE, IMAGE_SIZE)
+    return {
+        "messages": [
+            question,
+            {"role": "assistant", "content": region_sequence([x0, x1], [y0, y1])},
+            {"role": "user", "content": IMAGE_PLACEHOLDER},
+            {"role": "assistant", "content": facts["texture"]},
+        ],
+        "images": [path, f"{path}_{left},{top},{right},{bottom}"],
+        "box": list(facts["box"]),
+    }
+
+
+def reencoding_row(path: str, facts: dict, branch_name: str, direct: bool) -> dict:
+    tokens = get_branch(branch_name).tokens
+    question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REENCODING_PROMPT}"}
+    if direct:
+        return direct_row(path, question, facts)
+    return {
+        "messages": [
+            question,
+            {"role": "assistant", "content": tokens.action_sequence},
+            {"role": "user", "content": tokens.placeholder},
+            {"role": "assistant", "content": facts["texture"]},
+        ],
+        "images": [path],
+        get_branch(branch_name).data_column: [path],
+    }
+
+
+def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None = None) -> list[Path]:
+    """Write every file under ``output`` (``images``: images per split, default :data:`SPLITS`); image
+    paths are relative to its parent (LLaMA-Factory's ``media_dir``, which defaults to ``dataset_dir``)."""
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    written = []
+    for offset, (split, count) in enumerate({**SPLITS, **(images or {})}.items()):
+        rng = random.Random(seed * 1000 + offset)
+        region_rows, dino_rows = [], []
+        for i in range(count):
+            image, facts = draw_image(rng)
+            image_path = output / "images" / f"{split}_{i:03d}.png"
+            image.save(image_path)
+            path = image_path.relative_to(output.parent).as_posix()
+            direct = split == "train" and rng.random() < DIRECT_SHARE
+            region_rows.append(region_row(path, facts, direct))
+            dino_rows.append(reencoding_row(path, facts, "dino", direct))
+        for name, rows in (("region", region_rows), ("dino", dino_rows)):
+            file = output / f"detail_{name}_{split}.json"
+            file.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            written.append(file)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path("data/detail"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-images", type=int, default=SPLITS["train"])
+    parser.add_argument("--test-images", type=int, default=SPLITS["test"])
+    args = parser.parse_args()
+    for path in make_detail_data(args.output, args.seed, {"train": args.train_images, "test": args.test_images}):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
