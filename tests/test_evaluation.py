@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+RS, RE = "<|region_token_start|>", "<|region_token_end|>"
 ENV = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
@@ -104,3 +105,33 @@ def test_vpt_infer_answers_and_draws_the_regions(tiny_vpt_dir, tmp_path, capsys)
         assert Image.open(image).getcolors() == [(224 * 224, (120, 120, 120))]
     main(["infer", "--model", str(tiny_vpt_dir), "--image", str(image), "--max-new-tokens", "8", "--no-perception", "Hi?"])
     assert "perception 0" not in capsys.readouterr().out
+
+
+def test_region_scores_count_reference_cells_and_whole_objects(tmp_path):
+    from vpt_plugin.evaluation.runner import read_items, region_scores
+
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": RS + "<|x_2|><|y_4|><|x_3|><|y_5|>" + RE},
+                      {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}],
+         "images": ["a.png", "a.png_32,96,160,224"], "box": [66, 130, 126, 190]},
+        {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "<|clip_action_start|>"},
+                      {"role": "user", "content": "<clip_image>"}, {"role": "assistant", "content": "b"}], "images": ["a.png"]},
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    first, second = read_items(tmp_path / "rows.json", tmp_path, None)
+    assert first["reference_region"] == [2, 4, 3, 5] and first["box"] == [66, 130, 126, 190]
+    assert "reference_region" not in second and "box" not in second
+
+    def answered(item, rounds):
+        return {**item, "trace": {"rounds": rounds}}
+
+    region = lambda grid, pixels: {"kind": "region", "grid_boxes": [grid], "pixel_boxes": [pixels]}  # noqa: E731
+    predictions = [
+        answered(first, [region([2, 4, 3, 5], [32, 96, 160, 224])]),  # the right cells: holds the object
+        answered(first, [region([3, 4, 3, 5], [64, 96, 160, 224])]),  # one cell off: still holds it
+        answered(first, [region([4, 4, 4, 5], [96, 96, 192, 224])]),  # two cells off: cuts the object
+        answered(first, []),  # no look
+        answered(second, [{"kind": "clip"}]),  # no reference region: not counted
+    ]
+    assert region_scores(predictions) == {"region_items": 4, "region_cell_hits": 1, "region_object_items": 4,
+                                          "region_object_hits": 2}

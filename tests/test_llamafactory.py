@@ -127,6 +127,20 @@ def test_published_clip_recipe_with_paths_and_hardware_changed(tiny, tmp_path):
     assert config["num_inner_forward_run"] == 2 and config["para_mask_id"] == 1
 
 
+def test_sam_recipes_align_then_tune(tiny, tmp_path):
+    """The SAM branch's demo pipeline (the recipe tour, ``python -m vpt_plugin.demo --tour``):
+    alignment from a plain Qwen2-VL, then VPT tuning from its output."""
+    aligned = tmp_path / "aligned"
+    common = dict(max_steps=2, logging_steps=1, save_steps=100)
+    run_recipe(DEMO / "sam_1_alignment.yaml", tmp_path / "align.log", env=ENV, extra_args=overrides(
+        model_name_or_path=tiny["qwen2_vl"], vision_encoder_paths=f"sam={tiny['sam']}", output_dir=aligned, **common))
+    run_recipe(DEMO / "sam_2_vpt.yaml", tmp_path / "tune.log", env=ENV, extra_args=overrides(
+        model_name_or_path=aligned, output_dir=tmp_path / "tuned", eval_steps=2, **common))
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["vision_encoder_ls"] == ["sam"] and config["num_inner_forward_run"] == 2
+    assert len(training_losses(tmp_path / "tuned")) == 2
+
+
 def test_lora_recipe_trains_saves_and_reloads(tiny, tmp_path):
     recipe = DEMO / "clip_vpt_lora.yaml"
     args = overrides(model_name_or_path=tiny["qwen2_vl"], output_dir=tmp_path / "out", max_steps=8)

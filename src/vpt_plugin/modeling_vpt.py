@@ -320,14 +320,16 @@ class VPTModelMixin:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         rows = generator.run(input_ids, attention_mask, pixel_values, image_grid_thw, images)
-        if streamer is not None:
-            streamer.end()
         longest = max(len(row.answer) for row in rows)
         answers = torch.full((len(rows), longest), settings.pad_id, dtype=input_ids.dtype, device=input_ids.device)
         for b, row in enumerate(rows):
             answers[b, : len(row.answer)] = torch.tensor(row.answer, dtype=input_ids.dtype)
         sequences = torch.cat([input_ids, answers], dim=1)
         self.vpt_last_traces = [row.trace.to_dict() for row in rows]
+        if streamer is not None:
+            # Last: a caller streaming from another thread (LLaMA-Factory's chat) reads the traces, and
+            # may exit, as soon as the stream ends; no work of this call may still be running then.
+            streamer.end()
         if generation_config.return_dict_in_generate:
             return VPTGenerateOutput(sequences=sequences, traces=self.vpt_last_traces)
         return sequences
