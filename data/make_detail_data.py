@@ -16,6 +16,11 @@ Files, sharegpt ``messages`` + ``images`` and the branch columns, as released:
   Each row also has the square's pixel ``box``, which the evaluation checks crops against.
 - ``detail_dino_{train,test}.json``: question + Vision Re-Encoding prompt -> the DINOv2 action
   -> the image through DINOv2 -> the answer; likewise with some direct answers in ``train``.
+- ``detail_boxregion_{train,test}.json``: continuous Region Selection (PerceptionGPT's box token):
+  question + Region Selection prompt -> ``<|region_token_start|><|perception_box|><|region_token_end|>``
+  -> the crop of that box -> the answer; ``boxes`` holds the square's pixel box.
+- ``detail_grounding_{train,test}.json``: "where is the purple square?" -> ``<|perception_box|>``,
+  the box as the answer (referring expression comprehension); ``boxes`` as above.
 
 Run from the repository root: ``python data/make_detail_data.py [--output data/detail]``; the
 images are written next to the files, their paths relative to ``--output``'s parent (the
@@ -29,12 +34,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from vpt_plugin.box_heads import crop_pixels as box_crop_pixels
 from vpt_plugin.branches import get_branch
 from vpt_plugin.vocabulary import (
+    BOX_TOKEN,
     GRID_SIZE,
     IMAGE_PLACEHOLDER,
     REENCODING_PROMPT,
     REGION_PROMPT,
+    continuous_region_sequence,
     crop_pixels,
     region_sequence,
 )
@@ -60,6 +68,7 @@ LIGHT, DARK = (255, 0, 255), (0, 0, 0)
 PLAIN = tuple((light + dark) // 2 for light, dark in zip(LIGHT, DARK))
 TEXTURES = ("horizontal", "vertical", "checked", "none")
 QUESTION = "Which pattern does the purple square have?"
+GROUNDING_QUESTION = "Where is the purple square?"
 SPLITS = {"train": 400, "test": 48}  # images per split
 DIRECT_SHARE = 0.2  # training rows that answer without a second look
 
@@ -116,6 +125,38 @@ def region_row(path: str, facts: dict, direct: bool) -> dict:
     }
 
 
+def box_region_row(path: str, facts: dict, direct: bool) -> dict:
+    """Continuous Region Selection: the box token names the square; the crop is that box (no margin)."""
+    question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REGION_PROMPT}"}
+    if direct:
+        return direct_row(path, question, facts)
+    box = facts["box"]
+    left, top, right, bottom = box_crop_pixels([v / IMAGE_SIZE for v in box], IMAGE_SIZE, IMAGE_SIZE)
+    return {
+        "messages": [
+            question,
+            {"role": "assistant", "content": continuous_region_sequence()},
+            {"role": "user", "content": IMAGE_PLACEHOLDER},
+            {"role": "assistant", "content": facts["texture"]},
+        ],
+        "images": [path, f"{path}_{left},{top},{right},{bottom}"],
+        "boxes": [list(box)],
+        "box": list(box),
+    }
+
+
+def grounding_row(path: str, facts: dict) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{GROUNDING_QUESTION}"},
+            {"role": "assistant", "content": BOX_TOKEN},
+        ],
+        "images": [path],
+        "boxes": [list(facts["box"])],
+        "box": list(facts["box"]),
+    }
+
+
 def reencoding_row(path: str, facts: dict, branch_name: str, direct: bool) -> dict:
     tokens = get_branch(branch_name).tokens
     question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REENCODING_PROMPT}"}
@@ -140,7 +181,7 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
     written = []
     for offset, (split, count) in enumerate({**SPLITS, **(images or {})}.items()):
         rng = random.Random(seed * 1000 + offset)
-        region_rows, dino_rows = [], []
+        region_rows, dino_rows, box_region_rows, grounding_rows = [], [], [], []
         for i in range(count):
             image, facts = draw_image(rng)
             image_path = output / "images" / f"{split}_{i:03d}.png"
@@ -149,7 +190,10 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
             direct = split == "train" and rng.random() < DIRECT_SHARE
             region_rows.append(region_row(path, facts, direct))
             dino_rows.append(reencoding_row(path, facts, "dino", direct))
-        for name, rows in (("region", region_rows), ("dino", dino_rows)):
+            box_region_rows.append(box_region_row(path, facts, direct))
+            grounding_rows.append(grounding_row(path, facts))
+        files = {"region": region_rows, "dino": dino_rows, "boxregion": box_region_rows, "grounding": grounding_rows}
+        for name, rows in files.items():
             file = output / f"detail_{name}_{split}.json"
             file.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n", encoding="utf-8")
             written.append(file)

@@ -1,8 +1,9 @@
-"""Patch of ``llamafactory.data.parser``: dataset_info.json maps branch image columns.
+"""Patch of ``llamafactory.data.parser``: dataset_info.json maps branch image and box columns.
 
 What changes: ``DatasetAttr.join`` also reads the branch image columns (``detection_images``,
-``seg_images``, ``clip_images``) from an entry's ``columns``, as it reads ``images``, and
-refuses them under a formatting other than ``vpt_sharegpt`` (which would drop them).
+``seg_images``, ``clip_images``) and the ``boxes`` column from an entry's ``columns``, as it reads
+``images``, and the entry's ``box_units`` (``normalized``, the default, or ``pixels``); it refuses
+them under a formatting other than ``vpt_sharegpt`` (which would drop them).
 
 Why no public hook serves: ``join`` copies a fixed list of column names; the converter
 registry lets us add a formatting but not the columns it reads.
@@ -26,5 +27,6 @@ def apply_data_parser_patch(parser_module) -> None:
         columns = branch_columns_for(self.formatting, attr.get("columns", {}), self.dataset_name)
         for column, key in columns.items():
             setattr(self, column, key)
+        self.box_units = attr.get("box_units", "normalized")
 
     dataset_attr.join = join

@@ -1,13 +1,17 @@
-"""Patch of ``llamafactory.train.sft.trainer``: predictions carry the VPT perception trace.
+"""Patch of ``llamafactory.train.sft.trainer``: predictions carry the VPT perception trace; logs carry the loss's parts.
 
 What changes: with ``predict_with_generate``, ``CustomSeq2SeqTrainer.prediction_step`` keeps
 the trace the VPT model's one-call generation left (``model.vpt_last_traces``: the perception
 tokens, boxes in pixels, branch, and why tokens were not acted on), gathered across processes
 in the order the predictions are; ``save_predictions`` adds it to each line of
 ``generated_predictions.jsonl`` as ``vpt_trace``. Other models' predictions are unchanged.
+In training, ``compute_loss`` keeps the parts of a VPT model's loss (``lm_loss``, ``box_l1``,
+``box_giou``: the model output's fields) and ``log`` adds their means over the logging interval
+(this process's micro-batches) beside ``loss``.
 
 Why no public hook serves: the Seq2SeqTrainer's generate call returns token ids only, and
-``save_predictions`` writes a fixed set of fields.
+``save_predictions`` writes a fixed set of fields; the Trainer logs the total loss only, and a
+callback never sees the model's outputs.
 """
 
 import json
@@ -19,7 +23,10 @@ TARGET = "llamafactory.train.sft.trainer"
 CHECKED_AGAINST = {
     "CustomSeq2SeqTrainer.prediction_step": "960641928105a0bc",
     "CustomSeq2SeqTrainer.save_predictions": "e18c978582e96d26",
+    "CustomSeq2SeqTrainer.compute_loss": "c1102bcaea311b8c",
+    "CustomSeq2SeqTrainer.log": "73b8e3acd21a7b73",  # transformers' Trainer.log (5.6.0)
 }
+LOSS_PARTS = ("lm_loss", "box_l1", "box_giou")
 
 
 def apply_sft_trainer_patch(trainer_module) -> None:
@@ -27,6 +34,27 @@ def apply_sft_trainer_patch(trainer_module) -> None:
     trainer_class = trainer_module.CustomSeq2SeqTrainer
     upstream_prediction_step = trainer_class.prediction_step
     upstream_save_predictions = trainer_class.save_predictions
+    upstream_compute_loss = trainer_class.compute_loss
+    upstream_log = trainer_class.log
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = upstream_compute_loss(self, model, inputs, return_outputs=True, **kwargs)
+        loss, outputs = result if isinstance(result, tuple) else (result, None)
+        if model.training and outputs is not None:
+            parts = getattr(self, "vpt_loss_parts", {})
+            for name in LOSS_PARTS:
+                value = outputs.get(name) if hasattr(outputs, "get") else None
+                if value is not None:
+                    parts.setdefault(name, []).append(float(value.detach()))
+            self.vpt_loss_parts = parts
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        parts = getattr(self, "vpt_loss_parts", None)
+        if "loss" in logs and parts:
+            logs.update({name: round(sum(values) / len(values), 4) for name, values in parts.items()})
+            self.vpt_loss_parts = {}
+        upstream_log(self, logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         result = upstream_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
@@ -52,3 +80,5 @@ def apply_sft_trainer_patch(trainer_module) -> None:
 
     trainer_class.prediction_step = prediction_step
     trainer_class.save_predictions = save_predictions
+    trainer_class.compute_loss = compute_loss
+    trainer_class.log = log

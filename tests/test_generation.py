@@ -46,7 +46,7 @@ def reference(model, processor, batch, script, images, b, **kwargs):
     return two_round_reference(model, PerceptionInputs(processor), prompt, *encoded, images[b],
                                kwargs.get("max_new_tokens", MAX_NEW_TOKENS), {model.generation_config.eos_token_id},
                                max_perception_rounds=kwargs.get("max_perception_rounds", 1),
-                               logits_processor=script.as_list())
+                               logits_processor=script.as_list(), boxes=kwargs.get("boxes"))
 
 
 def _row_visuals(batch, b):

@@ -9,15 +9,15 @@ from transformers.utils import logging as transformers_logging
 
 from .bases import get_base
 from .branches import get_branch
-from .vocabulary import TURN_END, TURN_START, new_tokens
+from .vocabulary import BOX_TOKEN, TURN_END, TURN_START, new_tokens
 
 # Bookkeeping keys of a saved config.json, not constructor arguments.
 NOT_CONFIG_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map")
 
 
-def add_vpt_tokens(tokenizer, branch_names: list[str]) -> list[int]:
-    """Add the region tokens and the branches' tokens; return the ids of the tokens that were new."""
-    ordinary, special = new_tokens([get_branch(name).tokens.prefix for name in branch_names])
+def add_vpt_tokens(tokenizer, branch_names: list[str], box_token: bool = False) -> list[int]:
+    """Add the region tokens, the branches' tokens (and the box token); return the ids of the tokens that were new."""
+    ordinary, special = new_tokens([get_branch(name).tokens.prefix for name in branch_names], box_token)
     before = set(tokenizer.get_vocab())
     tokenizer.add_tokens(ordinary)
     tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
@@ -25,9 +25,9 @@ def add_vpt_tokens(tokenizer, branch_names: list[str]) -> list[int]:
 
 
 def vpt_token_ids(tokenizer, branch_names: list[str]) -> dict[str, int]:
-    """Config fields -> ids for the branches' tokens and the turn delimiters."""
+    """Config fields -> ids for the branches' tokens, the box token and the turn delimiters."""
     vocab = tokenizer.get_vocab()
-    ids = {"para_start_id": vocab.get(TURN_START), "para_end_id": vocab.get(TURN_END)}
+    ids = {"para_start_id": vocab.get(TURN_START), "para_end_id": vocab.get(TURN_END), "box_token_id": vocab.get(BOX_TOKEN)}
     for name in branch_names:
         for key, token in get_branch(name).tokens.config_id_keys.items():
             ids[key] = vocab.get(token)
@@ -62,6 +62,7 @@ def init_vpt_checkpoint(
     num_inner_forward_run: int = 2,
     para_mask_id: int = 1,
     para_mask_ratio: float = 0.5,
+    box_heads: bool = False,
     seed: int = 0,
 ) -> Path:
     """Build and save a VPT checkpoint.
@@ -73,6 +74,7 @@ def init_vpt_checkpoint(
         encoder_weights: branch name -> encoder checkpoint (hub id, directory, or for SAM an
             official ``sam_vit_*.pth``). A branch with an encoder but no weights starts random.
         encoder_configs: branch name -> encoder config, for random encoders or ``.pth`` files.
+        box_heads: give the model PerceptionGPT's box token and heads (fresh).
     """
     encoder_weights = encoder_weights or {}
     encoder_configs = dict(encoder_configs or {})
@@ -91,7 +93,7 @@ def init_vpt_checkpoint(
     processor = AutoProcessor.from_pretrained(base)
     tokenizer = processor.tokenizer
     rows_before = len(tokenizer)
-    new_ids = add_vpt_tokens(tokenizer, branch_names)
+    new_ids = add_vpt_tokens(tokenizer, branch_names, box_heads)
 
     base_config = AutoConfig.from_pretrained(base)
     try:
@@ -109,6 +111,7 @@ def init_vpt_checkpoint(
         num_inner_forward_run=num_inner_forward_run,
         para_mask_id=para_mask_id,
         para_mask_ratio=para_mask_ratio,
+        box_heads=box_heads,
         **vpt_token_ids(tokenizer, branch_names),
     )
     # The base has no branch modules, so transformers would list each of their keys as missing;
@@ -119,7 +122,7 @@ def init_vpt_checkpoint(
         model, loading = description.model_class.from_pretrained(base, config=config, output_loading_info=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
-    branch_prefixes = tuple(f"{attribute}." for attribute in branch_attributes(branch_names))
+    branch_prefixes = tuple(f"{attribute}." for attribute in branch_attributes(branch_names) + ["box_heads"])
     unmatched = [key for key in loading["missing_keys"] if not key.startswith(branch_prefixes)]
     if unmatched or loading["unexpected_keys"] or loading["mismatched_keys"]:
         raise ValueError(
@@ -153,6 +156,9 @@ def branch_attributes(branch_names: list[str]) -> list[str]:
 def check_token_ids(config, tokenizer) -> None:
     """Each VPT token id in the config must be that token's id in the tokenizer."""
     vocab = tokenizer.get_vocab()
+    if getattr(config, "box_heads", False) and vocab.get(BOX_TOKEN) != config.box_token_id:
+        raise ValueError(f"config box_token_id={config.box_token_id} but the tokenizer has {BOX_TOKEN} "
+                         f"{'absent' if BOX_TOKEN not in vocab else 'id %d' % vocab[BOX_TOKEN]}")
     for name in config.vision_encoder_ls:
         for key, token in get_branch(name).tokens.config_id_keys.items():
             config_id = getattr(config, key, None)

@@ -35,6 +35,15 @@ class VPTConfigMixin:
             reuses its keys and values before the first position that differs (same loss and
             gradients, about one pass of compute). False: two full passes, the straightforward
             implementation that the fast one is tested against.
+        box_heads: PerceptionGPT's continuous perception token (``box_heads.py``): a box decoder reads a
+            box from the hidden state before each ``<|perception_box|>`` and a box encoder makes that
+            token's input embedding from its box. Off by default; a checkpoint without heads loads
+            unchanged, and one turned on later gets fresh heads.
+        box_token_id: the id of ``<|perception_box|>``.
+        box_head_size: width of the heads' two hidden layers (512 as published).
+        box_loss_weight: ``w_box`` of the loss ``lm + w_box * (L1 + GIoU)``.
+        box_crop_margin: continuous Region Selection crops the decoded box widened by this fraction
+            of its width and height on each side (0: the box itself).
         reference_compat: reproduce the published forward exactly where this project deviates
             on purpose (docs/DEVIATIONS.md): input embeddings and every vision encoder run
             under ``no_grad``, and missing ``position_ids`` become 1-D positions rather than M-RoPE.
@@ -50,6 +59,11 @@ class VPTConfigMixin:
     para_start_id: int | None = None
     para_end_id: int | None = None
     reuse_first_pass: bool = True
+    box_heads: bool = False
+    box_token_id: int | None = None
+    box_head_size: int = 512
+    box_loss_weight: float = 1.0
+    box_crop_margin: float = 0.0
     reference_compat: bool = False
 
     def __post_init__(self, **kwargs):
@@ -80,6 +94,10 @@ class VPTConfigMixin:
             raise VPTInputError(f"para_mask_ratio must be within 0..1, got {self.para_mask_ratio}")
         if self.para_mask_id and (self.para_start_id is None or self.para_end_id is None):
             raise VPTInputError("para masking needs para_start_id and para_end_id (<|im_start|>, <|im_end|>)")
+        if self.box_heads and self.box_token_id is None:
+            raise VPTInputError("box_heads needs box_token_id: the tokenizer must contain <|perception_box|>")
+        if self.box_crop_margin < 0:
+            raise VPTInputError(f"box_crop_margin must be 0 or more, got {self.box_crop_margin}")
         for name in self.vision_encoder_ls:
             tokens = get_branch(name).tokens
             needed = [tokens.image_token_id_key]

@@ -11,7 +11,7 @@ import torch
 from .bases import get_base
 from .branches import BRANCHES, VPTInputError
 from .modeling_vpt import IGNORE_INDEX
-from .vocabulary import IMAGE_PLACEHOLDER, TURN_END, TURN_START
+from .vocabulary import BOX_TOKEN, IMAGE_PLACEHOLDER, TURN_END, TURN_START
 
 
 def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: list[int], where: str) -> tuple[str, int]:
@@ -26,10 +26,11 @@ def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: lis
 
 
 def encode_conversation(processor, config, messages: list[dict], images=None, branch_images=None, where="example",
-                        add_generation_prompt=False):
+                        add_generation_prompt=False, boxes=None):
     """One conversation -> ``input_ids``, ``labels`` and the visual inputs of its images.
 
     ``branch_images`` maps a branch name to its PIL images (``clip_images`` etc. in the data).
+    ``boxes``: one normalised ``(x0, y0, x1, y1)`` per ``<|perception_box|>`` in the messages, in order.
     ``add_generation_prompt``: end with ``<|im_start|>assistant\n``, for generation.
     """
     tokenizer = processor.tokenizer
@@ -72,6 +73,11 @@ def encode_conversation(processor, config, messages: list[dict], images=None, br
     for placeholder, _, counts in placements:
         if used[placeholder] != len(counts):
             raise VPTInputError(f"{where}: {len(counts)} images for {placeholder} but {used[placeholder]} placeholders")
+    box_tokens = sum(str(message["content"]).count(BOX_TOKEN) for message in messages)
+    if box_tokens != len(boxes or []):
+        raise VPTInputError(f"{where}: {box_tokens} {BOX_TOKEN} tokens but {len(boxes or [])} boxes")
+    if boxes:
+        visual_inputs["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     return {"input_ids": input_ids, "labels": labels, **visual_inputs}
 
 

@@ -4,6 +4,10 @@ A row is sharegpt-style ``messages`` plus image lists: ``images`` for the base m
 ``<image>`` placeholders, and one column per branch (``detection_images``, ``seg_images``,
 ``clip_images``) for that branch's placeholder (``<detection_image>`` ...). An image path may
 end in ``_x0,y0,x1,y1`` after its extension: the image is that pixel crop of the file.
+
+A ``boxes`` column gives one box ``[x0, y0, x1, y1]`` per ``<|perception_box|>`` in the messages,
+in order (PerceptionGPT's continuous token, box_heads.py), normalised to the row's first image or,
+when the dataset_info.json entry says ``"box_units": "pixels"``, in its pixels.
 """
 
 import os
@@ -12,9 +16,14 @@ import re
 from PIL import Image
 
 from .branches import BRANCHES
-from .vocabulary import GRID_SIZE, GRID_TOKEN_PATTERN, IMAGE_PLACEHOLDER
+from .vocabulary import BOX_TOKEN, GRID_SIZE, GRID_TOKEN_PATTERN, IMAGE_PLACEHOLDER
 
 MAIN_IMAGES = "images"  # column of the base model's own images
+BOXES = "boxes"  # column of the boxes of the <|perception_box|> tokens
+BOX_UNITS = ("normalized", "pixels")
+# LLaMA-Factory carries one media list per row to its collator; a row's boxes ride in it as these
+# strings, after its images, so no upstream data structure needs a new field.
+_BOX_ENTRY = "vpt-box:"
 _CROP_SUFFIX = re.compile(r"^(?P<file>.+\.[^._/\\]+)_(?P<box>[^_/\\]*)$")
 
 
@@ -120,3 +129,57 @@ def row_problems(contents: list[str], images: dict[str, list]) -> list[str]:
                 except VPTDataError as error:
                     problems.append(f"{column}[{i}]: {error}")
     return problems
+
+
+def row_boxes(contents: list[str], boxes, images: list | None, units: str = "normalized") -> tuple[list[str], list]:
+    """Check a row's ``boxes`` against its box tokens and first image; return ``(problems, normalised boxes)``.
+
+    Problems name the field: a count that does not match the tokens, a box that is not four
+    numbers, a box with no area, a box outside the image.
+    """
+    if units not in BOX_UNITS:
+        return [f"box_units: {units!r} is not one of {BOX_UNITS}"], []
+    wanted = sum(text.count(BOX_TOKEN) for text in contents)
+    boxes = list(boxes or [])
+    if len(boxes) != wanted:
+        return [f"{BOXES}: {wanted} {BOX_TOKEN} token(s) in the messages but {len(boxes)} box(es)"], []
+    if not boxes:
+        return [], []
+    width = height = 1.0
+    if units == "pixels":  # pixels of the row's first image
+        if not images:
+            return [f"{BOXES}: pixel boxes refer to the row's first image, but the row has none"], []
+        try:
+            image = open_image(images[0]) if isinstance(images[0], str) else images[0]
+            width, height = image.size
+        except (VPTDataError, OSError) as error:
+            return [f"{MAIN_IMAGES}[0]: {error}"], []
+    problems, normalised = [], []
+    for i, box in enumerate(boxes):
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except (TypeError, ValueError):
+            problems.append(f"{BOXES}[{i}]: {box!r} is not four numbers x0, y0, x1, y1")
+            continue
+        if x1 <= x0 or y1 <= y0:
+            problems.append(f"{BOXES}[{i}]: {list(box)} has no area (need x0 < x1 and y0 < y1)")
+        elif x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            frame = "[0, 1] (normalised; set \"box_units\": \"pixels\" for pixel boxes)" if units == "normalized" \
+                else f"the {int(width)}x{int(height)} image"
+            problems.append(f"{BOXES}[{i}]: {list(box)} is outside {frame}")
+        else:
+            normalised.append([x0 / width, y0 / height, x1 / width, y1 / height])
+    return problems, normalised
+
+
+def box_entry(box) -> str:
+    """A normalised box as an entry of LLaMA-Factory's per-row media list."""
+    return _BOX_ENTRY + ",".join(repr(float(v)) for v in box)
+
+
+def is_box_entry(entry) -> bool:
+    return isinstance(entry, str) and entry.startswith(_BOX_ENTRY)
+
+
+def parse_box_entry(entry: str) -> list[float]:
+    return [float(v) for v in entry[len(_BOX_ENTRY):].split(",")]

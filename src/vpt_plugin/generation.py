@@ -78,13 +78,15 @@ class PerceptionInputs:
 class GenerationTrace:
     """What one row did: its perception rounds, the round-1 text, and why tokens were not used."""
 
-    rounds: list = field(default_factory=list)  # {"kind", "tokens", "grid_boxes", "pixel_boxes"} per round
+    rounds: list = field(default_factory=list)  # {"kind", "tokens", "grid_boxes" or "boxes", "pixel_boxes"} per round
     first_turn: str = ""
     problem: str | None = None
     truncated: bool = False
+    answer_boxes: list = field(default_factory=list)  # the box decoded for each <|perception_box|> of the answer
 
     def to_dict(self) -> dict:
-        return {"rounds": self.rounds, "first_turn": self.first_turn, "problem": self.problem, "truncated": self.truncated}
+        found = {"rounds": self.rounds, "first_turn": self.first_turn, "problem": self.problem, "truncated": self.truncated}
+        return {**found, "answer_boxes": self.answer_boxes} if self.answer_boxes else found
 
 
 @dataclass
@@ -130,11 +132,12 @@ class DecodeSettings:
         return cls(max_new_tokens, eos_ids, pad, bool(config.do_sample), processors)
 
 
-def decide_turn(body: list[int], vocab, config, may_perceive: bool, has_image: bool, truncated: bool) -> Perception:
+def decide_turn(body: list[int], vocab, config, may_perceive: bool, has_image: bool, truncated: bool,
+                decoded_boxes: list | None = None) -> Perception:
     """What a finished assistant turn leads to; ``kind`` None means the turn is the answer."""
     if not may_perceive:
         return Perception(None)
-    perception = read_perception(body, vocab, config.vision_encoder_ls, config.num_inner_forward_run == 2)
+    perception = read_perception(body, vocab, config.vision_encoder_ls, config.num_inner_forward_run == 2, decoded_boxes)
     problems = [perception.problem] if perception.problem else []
     if truncated:
         problems.insert(0, "the turn hit max_new_tokens before it ended")
@@ -164,11 +167,15 @@ def perception_turn(perception: Perception, body: list[int], image, inputs: Perc
     round_trace = {"kind": perception.kind, "tokens": tokenizer.decode(body, skip_special_tokens=False)}
     crops = None
     if perception.kind == REGION:
-        boxes = crop_boxes(perception, *image.size)
+        boxes = crop_boxes(perception, *image.size, margin=config.box_crop_margin)
         crops = inputs.crop_inputs([image.crop(box) for box in boxes])
         merge = config.vision_config.spatial_merge_size
         content = region_turn_content([int(g.prod()) // merge**2 for g in crops[1]])
-        round_trace.update(grid_boxes=[list(b) for b in perception.grid_boxes], pixel_boxes=[list(b) for b in boxes])
+        if perception.boxes:
+            round_trace.update(boxes=[[round(v, 4) for v in b] for b in perception.boxes])
+        else:
+            round_trace.update(grid_boxes=[list(b) for b in perception.grid_boxes])
+        round_trace.update(pixel_boxes=[list(b) for b in boxes])
     else:
         images = inputs.branch_images(perception.kind, [image])
         content = branch_turn_content(perception.kind, get_branch(perception.kind).feature_tokens(config, images, inputs.processor)[0])
@@ -191,6 +198,7 @@ class Row:
     slot: int = -1  # batch index in the current cache
     columns: list = field(default_factory=list)  # cache column of each cached token
     controls: dict = field(default_factory=dict)  # token index of an action start -> its hidden state
+    boxes: list = field(default_factory=list)  # the box (normalised, a tensor) of each <|perception_box|> in tokens
     positions: torch.Tensor | None = None  # (3, len(tokens)) M-RoPE positions of the known tokens
     next_position: int = 0
     reuse: int = 0  # tokens[:reuse] keep their cached keys and values in the next phase
@@ -247,8 +255,8 @@ class VPTGenerator:
 
     # ------------------------------------------------------------ entry point
 
-    def run(self, input_ids, attention_mask, pixel_values, image_grid_thw, images) -> list[Row]:
-        rows = self._rows_from_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images)
+    def run(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, boxes=None) -> list[Row]:
+        rows = self._rows_from_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images, boxes)
         phase = rows
         while phase:
             self._start_phase(phase)
@@ -256,7 +264,7 @@ class VPTGenerator:
             phase = [row for row in phase if self._end_segment(row)]
         return rows
 
-    def _rows_from_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, images) -> list[Row]:
+    def _rows_from_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, boxes) -> list[Row]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         grids = list(image_grid_thw) if image_grid_thw is not None else []
@@ -274,6 +282,13 @@ class VPTGenerator:
             rows.append(Row(tokens=tokens, base_images=base, branch_images=[], source=source, segment_start=len(tokens)))
         if next_image != len(grids):
             raise VPTInputError(f"{len(grids)} images given but the prompts hold {next_image}")
+        given = list(boxes.to(self.device, torch.float32)) if boxes is not None else []
+        wanted = [self.vocab.box is not None and row.tokens.count(self.vocab.box) for row in rows]
+        if sum(wanted) != len(given):
+            raise VPTInputError(f"the prompts hold {sum(wanted)} <|perception_box|> tokens (per row {wanted}) "
+                                f"but {len(given)} boxes were given")
+        for row, count in zip(rows, wanted):
+            row.boxes, given = given[:count], given[count:]
         return rows
 
     # ------------------------------------------------------------ phases
@@ -330,7 +345,7 @@ class VPTGenerator:
             ids[b, start:] = torch.tensor(suffix, device=self.device)
             positions[:, b, start:] = row.positions[:, row.cached :]
             window_mask[b, start:] = 1
-        embeds = self.model.get_input_embeddings()(ids)
+        embeds = self._place_boxes(rows, self.model.get_input_embeddings()(ids), length)
         embeds, image_layers = self._place_base_images(rows, embeds, length)
         features = self._branch_features(rows)
         image_layers += [(b, self._window_column(rows[b], start, length), feature[3])
@@ -381,7 +396,10 @@ class VPTGenerator:
                 positions[:, b, 0] = row.next_position
                 window_mask[b, 0] = 1
             # Tokens decoded here are plain text: an action acted on is fed in the next phase's prefill.
-            states = self._language_model(self.model.get_input_embeddings()(ids), positions, window_mask)
+            # A box token just written is fed as its decoded box's encoding.
+            embeds = self._place_boxes([rows[b] if b in live else None for b in range(batch)],
+                                       self.model.get_input_embeddings()(ids), 1, last_only=True)
+            states = self._language_model(embeds, positions, window_mask)
             column = self.mask.shape[1] - 1
             for b in live:
                 rows[b].columns.append(column)
@@ -396,6 +414,31 @@ class VPTGenerator:
     def _window_column(row: Row, index: int, length: int) -> int:
         """The column of the row's token ``index`` in a window of ``length`` right-aligned new tokens."""
         return index - row.cached + length - (len(row.tokens) - row.cached)
+
+    def _place_boxes(self, rows, embeds, length, last_only: bool = False):
+        """Each ``<|perception_box|>`` among a window's new tokens takes its box's encoding as input embedding.
+
+        ``last_only``: the window is each row's last token (``None`` for rows not in it).
+        """
+        if self.vocab.box is None:
+            return embeds
+        wanted = []  # (batch index, column, box)
+        for b, row in enumerate(rows):
+            if row is None:
+                continue
+            box_indices = [i for i, t in enumerate(row.tokens) if t == self.vocab.box]
+            first = len(row.tokens) - 1 if last_only else row.cached
+            for k, i in enumerate(box_indices):
+                if i >= first:
+                    column = length - 1 if last_only else self._window_column(row, i, length)
+                    wanted.append((b, column, row.boxes[k]))
+        if not wanted:
+            return embeds
+        encoded = self.model.box_heads.encode(torch.stack([box for _, _, box in wanted]).to(embeds.dtype))
+        embeds = embeds.clone()
+        for (b, column, _), encoding in zip(wanted, encoded):
+            embeds[b, column] = encoding
+        return embeds
 
     def _place_base_images(self, rows, embeds, length):
         """Features of the base images (prompt images, crops) whose pads are among the new tokens.
@@ -508,11 +551,14 @@ class VPTGenerator:
             chosen = torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
         else:
             chosen = logits.argmax(dim=-1)
-        for row, token in zip(rows, chosen.tolist()):
+        for b, (row, token) in enumerate(zip(rows, chosen.tolist())):
             last = row.tokens[-1] if row.tokens else None
             branch = self.vocab.action_start.get(last) if self._may_perceive(row) else None
             if branch is not None:
                 token = self.vocab.action[branch]  # the token after an action start is its action
+            if token == self.vocab.box:
+                # The state that predicts the box token carries its box.
+                row.boxes.append(self.model.box_heads.decode(states[b : b + 1])[0].float())
             row.tokens.append(token)
             self._stream(row, [token])
             if token in self.settings.eos_ids:
@@ -542,8 +588,9 @@ class VPTGenerator:
         tokenizer = self.inputs.tokenizer
         if not row.trace.rounds:
             row.trace.first_turn = tokenizer.decode(body, skip_special_tokens=False)
+        turn_boxes = self._turn_boxes(row, turn)
         perception = decide_turn(body, self.vocab, self.config, self._may_perceive(row), row.source is not None,
-                                 row.truncated)
+                                 row.truncated, turn_boxes)
         if perception.problem:
             row.trace.problem = perception.problem
         if perception.kind is None:
@@ -551,13 +598,24 @@ class VPTGenerator:
                 self.streamer.put(torch.tensor(turn))
             row.answer = turn
             row.trace.truncated = row.truncated
+            row.trace.answer_boxes = [[round(v, 4) for v in box] for box in turn_boxes]
             return False
         self._append_perception_turn(row, perception, body)
         return True
 
+    def _turn_boxes(self, row: Row, turn: list[int]) -> list:
+        """The decoded boxes of the turn's box tokens (the row's last ones), as lists."""
+        count = turn.count(self.vocab.box) if self.vocab.box is not None else 0
+        return [box.tolist() for box in row.boxes[len(row.boxes) - count :]] if count else []
+
     def _append_perception_turn(self, row: Row, perception: Perception, body: list[int]) -> None:
         turn = perception_turn(perception, body, row.source, self.inputs, self.config)
         tokens = row.tokens[: row.segment_start] + turn.ids
+        if self.vocab.box is not None and tokens.count(self.vocab.box) != len(row.boxes):
+            raise VPTInputError(  # the replayed turn must keep each box token, so each keeps its box
+                f"the perception turn holds {tokens.count(self.vocab.box)} <|perception_box|> tokens "
+                f"for {len(row.boxes)} boxes"
+            )
         reuse = min(common_prefix(row.tokens[: row.cached], tokens), row.cached)
         # Never reuse part of an image's features: recompute from its start.
         for start, end in pad_runs(tokens, self.config.image_token_id) + self._all_branch_runs(tokens):
@@ -583,12 +641,14 @@ class VPTGenerator:
 @torch.no_grad()
 def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, pixel_values, image_grid_thw, image,
                         max_new_tokens: int, eos_ids, max_perception_rounds: int = 1,
-                        logits_processor=None) -> tuple[list[int], GenerationTrace]:
+                        logits_processor=None, boxes=None) -> tuple[list[int], GenerationTrace]:
     """The published evaluation's flow for one row, greedy: round 1, then round 2 from scratch.
 
     Every round re-reads the whole conversation through ``model.forward`` (the two-pass
     forward, which deep-copies the cache for its first pass at every step), as the released
-    evaluation does. Returns the answer's token ids and the trace.
+    evaluation does. A box the model writes is decoded by re-running the whole sequence with
+    the box token appended (its decoded state comes before it). ``boxes``: those of the prompt's
+    box tokens. Returns the answer's token ids and the trace.
     """
     config = model.config
     tokenizer = perception_inputs.tokenizer
@@ -598,18 +658,21 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
     crops = (pixel_values, image_grid_thw)
     branch_images = []
     trace = GenerationTrace()
+    boxes = [box.tolist() for box in boxes] if boxes is not None else []
     while True:
         turn, truncated = _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, max_new_tokens,
-                                       eos_ids, len(trace.rounds) < max_perception_rounds, logits_processor)
+                                       eos_ids, len(trace.rounds) < max_perception_rounds, logits_processor, boxes)
         body = [t for t in turn if t not in eos_ids]
         if not trace.rounds:
             trace.first_turn = tokenizer.decode(body, skip_special_tokens=False)
+        turn_boxes = boxes[len(boxes) - turn.count(vocab.box):] if vocab.box is not None and vocab.box in turn else []
         perception = decide_turn(body, vocab, config, len(trace.rounds) < max_perception_rounds, image is not None,
-                                 truncated)
+                                 truncated, turn_boxes)
         if perception.problem:
             trace.problem = perception.problem
         if perception.kind is None:
             trace.truncated = truncated
+            trace.answer_boxes = [[round(v, 4) for v in box] for box in turn_boxes]
             return turn, trace
         turn = perception_turn(perception, body, image, perception_inputs, config)
         if turn.crops is not None:
@@ -621,8 +684,11 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
 
 
 def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, max_new_tokens, eos_ids, may_perceive,
-                 logits_processor):
-    """Greedy decoding of one assistant turn through ``model.forward``, from an empty cache."""
+                 logits_processor, boxes):
+    """Greedy decoding of one assistant turn through ``model.forward``, from an empty cache.
+
+    ``boxes``: those of the box tokens so far; a box the turn writes is appended to it.
+    """
     device = model.device
     inputs = {"input_ids": torch.tensor([tokens], device=device)}
     if crops[0] is not None:
@@ -631,6 +697,8 @@ def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, 
         images = perception_inputs.branch_images(name, [image for n, image in branch_images if n == name])
         branch = get_branch(name)
         inputs.update({k: v.to(device) for k, v in branch.preprocess(images, perception_inputs.processor).items()})
+    if boxes:
+        inputs["boxes"] = torch.tensor(boxes, device=device)
     out = model(**inputs, use_cache=True)
     cache = out.past_key_values
     # Text after the prompt continues from its last M-RoPE position (1-D positions without images).
@@ -646,6 +714,14 @@ def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, 
         if branch is not None:
             token = vocab.action[branch]
         turn.append(token)
+        step_boxes = {}
+        if token == vocab.box:
+            # Re-run everything with the box token appended (any box: its own embedding cannot reach
+            # the state before it) and decode the box from that state.
+            rerun = {**inputs, "input_ids": torch.tensor([tokens + turn], device=device),
+                     "boxes": torch.tensor(boxes + [[0.0] * 4], device=device)}
+            boxes.append(model(**rerun).pred_boxes[-1].tolist())
+            step_boxes = {"boxes": torch.tensor(boxes[-1:], device=device)}
         if token in eos_ids:
             return turn, False
         if branch is not None:
@@ -655,6 +731,6 @@ def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, 
             return turn, True
         position = torch.full((3, 1, 1), next_position, device=device)
         out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, position_ids=position,
-                    use_cache=True)
+                    use_cache=True, **step_boxes)
         cache, logits = out.past_key_values, out.logits[0, -1]
         next_position += 1

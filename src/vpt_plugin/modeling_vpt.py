@@ -33,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
+from .box_heads import BoxHeads, box_losses
 from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
 from .vision_features import DecoderLayerFeatures, VisionFeatures
 
@@ -49,6 +50,12 @@ class VPTCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     rope_deltas: torch.LongTensor | None = None
+    # With box heads: the box decoded before each <|perception_box|> (sequence order, tokens
+    # after a call's first position), and the loss's parts.
+    pred_boxes: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    box_l1: torch.FloatTensor | None = None
+    box_giou: torch.FloatTensor | None = None
 
 
 class VPTModelMixin:
@@ -66,10 +73,12 @@ class VPTModelMixin:
             if branch.has_encoder:
                 self.add_module(branch.encoder_attribute, branch.build_encoder(config))
             self.add_module(branch.projector_attribute, branch.build_projector(config))
+        if config.box_heads:
+            self.box_heads = BoxHeads(config.text_config.hidden_size, config.box_head_size)
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, ControlProjector):
+        if isinstance(module, (ControlProjector, BoxHeads)):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -140,6 +149,7 @@ class VPTModelMixin:
         if input_ids is None:
             raise VPTInputError("the VPT forward pass needs input_ids to find its tokens")
         branch_inputs = self._pop_branch_inputs(kwargs)
+        boxes = kwargs.pop("boxes", None)
         # Inputs for generation (each row's original image), which LLaMA-Factory's inference-time
         # plugin also hands to loss-only evaluation.
         kwargs.pop("vpt_images", None)
@@ -164,6 +174,10 @@ class VPTModelMixin:
                 input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
             features = {name: get_branch(name).encode(self, inputs) for name, inputs in branch_inputs.items()}
+        box_mask = self._box_mask(input_ids, boxes)
+        if box_mask is not None:
+            # The same in both passes: a box token's embedding is its box's encoding.
+            inputs_embeds = self._scatter(inputs_embeds, box_mask, self.box_heads.encode(boxes.to(inputs_embeds)))
 
         if position_ids is None and not config.reference_compat:
             # Otherwise (reference) the language model falls back to 1-D positions, as the published code trains.
@@ -236,7 +250,8 @@ class VPTModelMixin:
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         if self.training and torch.is_grad_enabled():
-            logits = logits + self._projector_anchor(logits)
+            logits = logits + self._parameters_anchor(logits)
+        box_outputs = self._box_outputs(input_ids, hidden_states, boxes, box_mask, labels)
 
         loss = None
         if labels is not None:
@@ -246,8 +261,12 @@ class VPTModelMixin:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
+            if "box_l1" in box_outputs:
+                box_outputs["lm_loss"] = loss
+                loss = loss + config.box_loss_weight * (box_outputs["box_l1"] + box_outputs["box_giou"])
 
         return VPTCausalLMOutputWithPast(
+            **box_outputs,
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -279,7 +298,10 @@ class VPTModelMixin:
         it; LLaMA-Factory sets ``model.vpt_perception`` instead); ``vpt_images``: each row's
         original image (PIL, or None for a row without one), which crops and branches read;
         ``allow_perception=False``: never start a perception (its tokens are suppressed), to
-        measure what VPT adds; ``max_perception_rounds``: perceptions per answer (1, as published).
+        measure what VPT adds; ``max_perception_rounds``: perceptions per answer (1, as published);
+        ``boxes``: with box heads, the box of each ``<|perception_box|>`` in the prompts (row-major order).
+        Boxes the model writes are decoded as it writes them (traces: ``boxes`` of a continuous region,
+        ``answer_boxes`` of the answer).
 
         Returns the prompts followed by each row's final answer (right-padded), or with
         ``return_dict_in_generate=True`` a :class:`VPTGenerateOutput` holding each row's trace
@@ -295,6 +317,7 @@ class VPTModelMixin:
         attention_mask = model_kwargs.pop("attention_mask", None)
         pixel_values = model_kwargs.pop("pixel_values", None)
         image_grid_thw = model_kwargs.pop("image_grid_thw", None)
+        boxes = model_kwargs.pop("boxes", None)
         model_kwargs.pop("mm_token_type_ids", None)  # positions are recomputed from the tokens
         model_kwargs.pop("second_per_grid_ts", None)  # video timing; prompts take images only
         model_kwargs.pop("use_cache", None)
@@ -319,7 +342,7 @@ class VPTModelMixin:
         generator = VPTGenerator(self, perception_inputs, settings, allow_perception, max_perception_rounds, streamer)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        rows = generator.run(input_ids, attention_mask, pixel_values, image_grid_thw, images)
+        rows = generator.run(input_ids, attention_mask, pixel_values, image_grid_thw, images, boxes)
         longest = max(len(row.answer) for row in rows)
         answers = torch.full((len(rows), longest), settings.pad_id, dtype=input_ids.dtype, device=input_ids.device)
         for b, row in enumerate(rows):
@@ -334,16 +357,20 @@ class VPTModelMixin:
             return VPTGenerateOutput(sequences=sequences, traces=self.vpt_last_traces)
         return sequences
 
-    def _projector_anchor(self, like: torch.Tensor) -> torch.Tensor:
-        """A zero that depends on every trainable projector parameter.
+    def _parameters_anchor(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero that depends on every trainable projector and box head parameter.
 
         In data-parallel training (DDP, DeepSpeed) every rank must produce gradients for the same
-        parameters, but a rank whose batch has no image (or no action token) for a branch would
-        leave that projector out of its graph. Running each projector on one dummy feature and
-        adding 0 times the result keeps them all in, at the cost of a few tiny matmuls.
+        parameters, but a rank whose batch has no image (or no action or box token) for a branch
+        would leave that projector (or the heads) out of its graph. Running each on one dummy input
+        and adding 0 times the result keeps them all in, at the cost of a few tiny matmuls.
         """
         anchor = like.new_zeros(())
         hidden = self.config.text_config.hidden_size
+        heads = getattr(self, "box_heads", None)
+        if heads is not None and any(p.requires_grad for p in heads.parameters()):
+            probe = heads.encode(like.new_zeros(1, 4))
+            anchor = anchor + 0.0 * (probe.sum() + heads.decode(probe).sum())
         for name in self.config.vision_encoder_ls:
             projector = self.branch_projector(name)
             if not any(p.requires_grad for p in projector.parameters()):
@@ -505,6 +532,43 @@ class VPTModelMixin:
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
             layer_sources.append((video_mask[..., 0], features.layers))
         return inputs_embeds, layer_sources
+
+    def _box_mask(self, input_ids, boxes) -> torch.Tensor | None:
+        """Mask of the ``<|perception_box|>`` tokens, each of which needs its box in ``boxes`` (row-major order)."""
+        box_token_id = self.config.box_token_id if self.config.box_heads else None
+        mask = input_ids == box_token_id if box_token_id is not None else None
+        if mask is None or not mask.any():
+            if boxes is not None and len(boxes):
+                raise VPTInputError(f"{len(boxes)} boxes given but the input has no <|perception_box|> token "
+                                    f"(box_heads={self.config.box_heads})")
+            return None
+        found = 0 if boxes is None else len(boxes)
+        if boxes is not None and (boxes.ndim != 2 or boxes.shape[-1] != 4):
+            raise VPTInputError(f"boxes must be (number of box tokens, 4), got {tuple(boxes.shape)}")
+        if found != int(mask.sum()):
+            raise VPTInputError(
+                f"the input has {int(mask.sum())} <|perception_box|> tokens (per row {mask.sum(dim=1).tolist()}) "
+                f"but {found} boxes were given: one per token, in order"
+            )
+        return mask
+
+    def _box_outputs(self, input_ids, hidden_states, boxes, box_mask, labels) -> dict:
+        """Boxes decoded from the state before each box token, and with labels the box loss's parts.
+
+        A box token the labels train (the model writes it) is a target; one in the prompt is input only.
+        """
+        if box_mask is None:
+            return {}
+        decodable = box_mask.clone()
+        decodable[:, 0] = False  # its state is in an earlier call (cache-continued decoding)
+        rows, cols = decodable.nonzero(as_tuple=True)
+        outputs = {"pred_boxes": self.box_heads.decode(hidden_states[rows, cols - 1]).float()}
+        if labels is not None:
+            written = (labels[rows, cols] != IGNORE_INDEX)
+            if written.any():
+                targets = boxes[decodable[box_mask]].to(outputs["pred_boxes"])
+                outputs.update(box_losses(outputs["pred_boxes"][written], targets[written]))
+        return outputs
 
     def _mm_token_type_ids(self, input_ids):
         """Text 0, image 1, video 2: what the processor returns, for callers that pass none."""

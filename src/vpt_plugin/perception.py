@@ -4,7 +4,9 @@ Shared by the one-call generation loop and the two-round reference flow, so both
 model's tokens and lay out the second round exactly alike (method.md section 4, as the
 published evaluation does):
 - region tokens: the round-1 text stays as the assistant turn; the next user turn holds
-  the crop (``<image>``; with several regions one ``Region i: <image>`` line each);
+  the crop (``<image>``; with several regions one ``Region i: <image>`` line each). A region
+  is six grid tokens, or one ``<|perception_box|>`` (continuous Region Selection, box_heads.py),
+  whose decoded box is cropped;
 - ``<|B_action_start|>``: the assistant turn becomes ``<|B_action_start|><|B_action|><|B_action_end|>``
   and the next user turn holds ``<B_image>`` of the same image.
 
@@ -12,15 +14,26 @@ Malformed sequences never raise; they end in a defined result (the round-1 text 
 answer) and say why in ``Perception.problem``:
 - a region start without its end, a region holding anything but grid tokens, or a region
   with only x (or only y) indices is skipped; the other regions of the turn still count;
-- two kinds at once (regions and an action, or actions of two branches) are not acted on;
+- two kinds at once (regions and an action, actions of two branches, grid and continuous
+  regions) are not acted on;
 - an action for a branch the model lacks (or an alignment-stage model) is not acted on.
 An index outside the 8x8 grid cannot be written: only ``<|x_0|>``..``<|x_7|>`` are tokens.
 """
 
 from dataclasses import dataclass, field
 
+from . import box_heads
 from .branches import BRANCHES, get_branch
-from .vocabulary import REGION_END, REGION_START, TURN_END, TURN_START, X_TOKENS, Y_TOKENS, crop_pixels, grid_box
+from .vocabulary import (
+    REGION_END,
+    REGION_START,
+    TURN_END,
+    TURN_START,
+    X_TOKENS,
+    Y_TOKENS,
+    crop_pixels,
+    grid_box,
+)
 
 REGION = "region"
 
@@ -38,6 +51,7 @@ class PerceptionVocabulary:
     action_end: dict  # branch name -> id of <|B_action_end|>
     image_pad: int
     turn_end: int
+    box: int | None = None  # <|perception_box|>, for a model with box heads
 
     @classmethod
     def from_model(cls, config, tokenizer) -> "PerceptionVocabulary":
@@ -63,6 +77,7 @@ class PerceptionVocabulary:
             action_end=action_end,
             image_pad=config.image_token_id,
             turn_end=token_id(TURN_END),
+            box=config.box_token_id if getattr(config, "box_heads", False) else None,
         )
 
     def perception_starts(self) -> list[int]:
@@ -75,22 +90,27 @@ class Perception:
     """What one assistant turn asks for.
 
     ``kind``: ``"region"``, a branch name, or None (the turn is the answer). ``grid_boxes``:
-    the regions' grid boxes ``(x_min, y_min, x_max, y_max)``. ``problem``: why tokens the turn
-    holds were not (all) acted on, or None.
+    the regions' grid boxes ``(x_min, y_min, x_max, y_max)``; ``boxes``: continuous regions'
+    decoded boxes, normalised. ``problem``: why tokens the turn holds were not (all) acted on, or None.
     """
 
     kind: str | None
     grid_boxes: list = field(default_factory=list)
     problem: str | None = None
+    boxes: list = field(default_factory=list)
 
 
-def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches: list[str], two_pass: bool) -> Perception:
+def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches: list[str], two_pass: bool,
+                    decoded_boxes: list | None = None) -> Perception:
     """Parse one generated assistant turn (token ids) into the perception it asks for.
 
     ``branches``: the model's branches; ``two_pass``: whether it can re-encode with control
-    (``num_inner_forward_run == 2``).
+    (``num_inner_forward_run == 2``); ``decoded_boxes``: the box decoded for each
+    ``<|perception_box|>`` of the turn, in order.
     """
-    boxes, problems = [], []
+    decoded = iter(decoded_boxes or [])
+    box_of = {i: next(decoded) for i, t in enumerate(token_ids) if vocab.box is not None and t == vocab.box}
+    boxes, continuous, problems = [], [], []
     position, number = 0, 0
     while position < len(token_ids):
         if token_ids[position] != vocab.region_start:
@@ -102,6 +122,11 @@ def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches:
             problems.append(f"region {number} starts but never ends")
             break
         inside = token_ids[position + 1 : end]
+        if vocab.box is not None and inside == [vocab.box]:
+            continuous.append(box_of[position + 1])
+            number += 1
+            position = end + 1
+            continue
         xs = [vocab.grid_x[t] for t in inside if t in vocab.grid_x]
         ys = [vocab.grid_y[t] for t in inside if t in vocab.grid_y]
         if len(xs) + len(ys) != len(inside):
@@ -114,7 +139,10 @@ def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches:
         position = end + 1
 
     actions = list(dict.fromkeys(vocab.action_start[t] for t in token_ids if t in vocab.action_start))
-    kinds = ([REGION] if boxes else []) + actions
+    if boxes and continuous:
+        problems.append("grid and continuous regions at once; the turn is the answer")
+        return Perception(None, problem="; ".join(problems))
+    kinds = ([REGION] if boxes or continuous else []) + actions
     if len(kinds) > 1:
         problems.append(f"two kinds of perception at once ({', '.join(kinds)}); the turn is the answer")
         return Perception(None, problem="; ".join(problems))
@@ -127,13 +155,16 @@ def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches:
         else:
             return Perception(name, problem="; ".join(problems) or None)
         return Perception(None, problem="; ".join(problems))
-    if boxes:
-        return Perception(REGION, boxes, problem="; ".join(problems) or None)
+    if boxes or continuous:
+        return Perception(REGION, boxes, problem="; ".join(problems) or None, boxes=continuous)
     return Perception(None, problem="; ".join(problems) or None)
 
 
-def crop_boxes(perception: Perception, width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """Pixel crops ``(left, top, right, bottom)`` of a region perception's boxes."""
+def crop_boxes(perception: Perception, width: int, height: int, margin: float = 0.0) -> list[tuple[int, int, int, int]]:
+    """Pixel crops ``(left, top, right, bottom)`` of a region perception's boxes (grid boxes widened
+    by a cell, as published; continuous boxes widened by ``margin`` times their size)."""
+    if perception.boxes:
+        return [box_heads.crop_pixels(box, width, height, margin) for box in perception.boxes]
     return [crop_pixels(box, width, height) for box in perception.grid_boxes]
 
 

@@ -21,6 +21,11 @@ GRID_TOKEN_PATTERN = re.compile(r"<\|([xy])_(\d+)\|>")
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
 
+# PerceptionGPT's continuous perception token (box_heads.py): its hidden state carries one box. Inside a
+# region (REGION_START, BOX_TOKEN, REGION_END) it is a continuous Region Selection; elsewhere a box
+# given in the question or written as an answer.
+BOX_TOKEN = "<|perception_box|>"
+
 # Dataset placeholder of the base model's own image input.
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -92,13 +97,13 @@ def region_tokens() -> list[str]:
     return [REGION_START, REGION_END, *X_TOKENS, *Y_TOKENS]
 
 
-def new_tokens(prefixes: list[str]) -> tuple[list[str], list[str]]:
-    """Tokens a VPT checkpoint adds for the given branch prefixes.
+def new_tokens(prefixes: list[str], box_token: bool = False) -> tuple[list[str], list[str]]:
+    """Tokens a VPT checkpoint adds for the given branch prefixes (and the perception box token).
 
-    Returns ``(ordinary, special)``: region and action tokens are ordinary added
+    Returns ``(ordinary, special)``: region, action and box tokens are ordinary added
     tokens; the branch image pads are added special tokens (as released).
     """
-    ordinary = region_tokens()
+    ordinary = region_tokens() + ([BOX_TOKEN] if box_token else [])
     special = []
     for prefix in prefixes:
         tokens = BranchTokens(prefix)
@@ -115,6 +120,11 @@ def region_sequence(x_indices: list[int], y_indices: list[int]) -> str:
             raise ValueError(f"grid {axis} index {bad[0]} is outside 0..{GRID_SIZE - 1}")
     body = "".join(X_TOKENS[x] + Y_TOKENS[y] for x, y in zip(x_indices, y_indices))
     return REGION_START + body + REGION_END
+
+
+def continuous_region_sequence(count: int = 1) -> str:
+    """The token text of ``count`` continuous regions: each one box token between the region delimiters."""
+    return (REGION_START + BOX_TOKEN + REGION_END) * count
 
 
 def grid_box(x_indices: list[int], y_indices: list[int]) -> tuple[int, int, int, int]:

@@ -67,6 +67,14 @@ class VPTArguments:
         default=None,
         metadata={"help": "false: two full passes (the straightforward forward, for comparison); default true."},
     )
+    box_heads: bool | None = field(
+        default=None,
+        metadata={"help": "PerceptionGPT's continuous box token <|perception_box|> and its box heads (new heads start fresh)."},
+    )
+    box_loss_weight: float | None = field(default=None, metadata={"help": "w_box in lm + w_box * (L1 + GIoU); default 1."})
+    box_crop_margin: float | None = field(
+        default=None, metadata={"help": "Continuous regions crop the box widened by this fraction of its size; default 0."}
+    )
     freefreeze_frozen_modules: str | None = field(
         default=None, metadata={"help": "freefreeze: parameters whose names contain one of these are frozen."}
     )
@@ -132,7 +140,8 @@ class VPTArguments:
 
     def config_overrides(self) -> dict[str, Any]:
         """The VPT config fields the recipe sets."""
-        names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass")
+        names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
+                 "box_loss_weight", "box_crop_margin")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -5,7 +5,8 @@ Sharegpt rows plus branch image columns (``detection_images``, ``seg_images``,
 (placeholders against images, image files, crop suffixes, grid tokens); a bad row stops
 the run before training with the dataset, row index and field. The branch images are then
 merged into LLaMA-Factory's one image list, in placeholder order, which is the order the
-VPT templates' plugins read them in.
+VPT templates' plugins read them in. A ``boxes`` column (one box per ``<|perception_box|>``, checked
+and normalised) follows the images in that list as box entries (``vpt_plugin.dataset.box_entry``).
 """
 
 import os
@@ -13,7 +14,18 @@ from dataclasses import dataclass
 
 from llamafactory.data.converter import SharegptDatasetConverter
 
-from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, placeholders_in, row_problems, split_crop
+from ..dataset import (
+    BOXES,
+    MAIN_IMAGES,
+    VPTDataError,
+    box_entry,
+    image_columns,
+    placeholders_in,
+    row_boxes,
+    row_problems,
+    split_crop,
+)
+from ..vocabulary import BOX_TOKEN
 
 FORMATTING = "vpt_sharegpt"
 
@@ -69,10 +81,15 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         messages = example[self.dataset_attr.messages] or []
         contents = [str(message.get(self.dataset_attr.content_tag, "")) for message in messages]
         problems = row_problems(contents, images)
+        box_column = getattr(self.dataset_attr, BOXES, None)
+        box_problems, boxes = row_boxes(contents, example.get(box_column) if box_column else None,
+                                        images[MAIN_IMAGES], getattr(self.dataset_attr, "box_units", "normalized"))
+        problems += box_problems
         if problems:
             raise VPTDataError(f"{where}: " + "; ".join(problems))
 
         if self.question_only:
+            boxes = self._question_and_answer_boxes(messages, boxes)
             example, images = self._question_and_answer(example, images, columns)
         aligned = super().__call__(example)
         queues = {column: list(images[column] or []) for column in images}
@@ -80,8 +97,19 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         for message in aligned["_prompt"] + aligned["_response"]:
             for placeholder in placeholders_in(message["content"]):
                 merged.append(queues[image_columns()[placeholder]].pop(0))
+        merged += [box_entry(box) for box in boxes]
         aligned["_images"] = merged or None
         return aligned
+
+    def _question_and_answer_boxes(self, messages, boxes):
+        """The boxes of the first user turn and the final answer (what ``_question_and_answer`` keeps)."""
+        tag, content = self.dataset_attr.role_tag, self.dataset_attr.content_tag
+        first = next(i for i, m in enumerate(messages) if m[tag] == self.dataset_attr.user_tag)
+        counts = [str(m[content]).count(BOX_TOKEN) for m in messages]
+        if len(messages) - first <= 2:
+            return boxes
+        question, answer = sum(counts[: first + 1]), counts[-1]
+        return boxes[:question] + (boxes[len(boxes) - answer :] if answer else [])
 
 
     def _question_and_answer(self, example, images, columns):
@@ -104,8 +132,8 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
 
 
 def branch_columns_for(formatting: str, columns: dict, dataset_name: str) -> dict[str, str | None]:
-    """Branch image columns a dataset_info.json entry maps (read by the DatasetAttr patch)."""
-    branch_columns = {c: columns.get(c) for c in image_columns().values() if c != MAIN_IMAGES}
+    """Branch image columns and the box column a dataset_info.json entry maps (read by the DatasetAttr patch)."""
+    branch_columns = {c: columns.get(c) for c in [*image_columns().values(), BOXES] if c != MAIN_IMAGES}
     mapped = [column for column, key in branch_columns.items() if key]
     if mapped and formatting != FORMATTING:
         raise ValueError(

@@ -6,7 +6,8 @@
 ``<video>`` placeholders are expanded by the upstream plugin; each branch placeholder expands, as
 the published data pipeline expands it, to ``<|vision_start|>`` + one pad token per feature token +
 ``<|vision_end|>`` with that branch's ``<|B_image_pad|>``. In a batch, the token ids say which
-image is which.
+image is which. A row's boxes (for ``<|perception_box|>`` tokens) follow its images in the list as box
+entries; they become the ``boxes`` model input, one per box token of the batch's ids.
 """
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from llamafactory.data.mm_plugin import PLUGINS
 
 from ..branches import BRANCHES, get_branch
-from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, open_image, placeholders_in
+from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, is_box_entry, open_image, parse_box_entry, placeholders_in
 
 
 def vpt_template_name(template: str) -> str:
@@ -72,6 +73,7 @@ class VPTPluginMixin:
                 )
 
     def process_messages(self, messages, images, videos, audios, processor):
+        images = [image for image in images if not is_box_entry(image)]  # box tokens stay as they are
         self._validate_input(processor, images, videos, audios)
         placeholders = [p for message in messages for p in placeholders_in(message["content"])]
         if len(placeholders) != len(images):
@@ -106,8 +108,9 @@ class VPTPluginMixin:
         return messages
 
     def get_mm_inputs(self, images, videos, audios, imglens, vidlens, audlens, batch_ids, processor):
-        self._validate_input(processor, images, videos, audios)
         config = vpt_config_of(processor)
+        images, imglens, boxes = self._split_boxes(images, imglens, batch_ids, config)
+        self._validate_input(processor, images, videos, audios)
         kinds = self._image_kinds(batch_ids, processor, config)
         if len(kinds) != len(images):
             raise VPTDataError(f"the batch's token ids hold {len(kinds)} images but {len(images)} were given")
@@ -118,7 +121,34 @@ class VPTPluginMixin:
             mm_inputs.update(get_branch(name).preprocess(self._branch_images(name, branch_images, processor), processor))
         if getattr(processor, "vpt_generation", False):
             mm_inputs.update(self._source_images(images, kinds, imglens))
+        if boxes is not None:
+            mm_inputs["boxes"] = boxes
         return mm_inputs
+
+    @staticmethod
+    def _split_boxes(images, imglens, batch_ids, config):
+        """Each row's media list without its box entries, and the boxes of the box tokens in ``batch_ids``.
+
+        A row's first boxes go to its box tokens in order; when generating, the prompt holds only
+        the question's box tokens and the answer's boxes are left out.
+        """
+        kept, kept_lens, boxes, start = [], [], [], 0
+        box_token_id = config.box_token_id if config.box_heads else None
+        for count, ids in zip(imglens, batch_ids):
+            row = images[start : start + count]
+            start += count
+            media = [image for image in row if not is_box_entry(image)]
+            row_boxes = [parse_box_entry(image) for image in row if is_box_entry(image)]
+            if row_boxes and box_token_id is None:
+                raise VPTDataError("the data has boxes (a `boxes` column) but the model has no box heads; "
+                                   "set the recipe key `box_heads: true`")
+            tokens = int(np.sum(np.asarray(ids) == box_token_id)) if box_token_id is not None else 0
+            if tokens > len(row_boxes):
+                raise VPTDataError(f"a row holds {tokens} <|perception_box|> tokens but {len(row_boxes)} boxes")
+            kept += media
+            kept_lens.append(len(media))
+            boxes += row_boxes[:tokens]
+        return kept, kept_lens, torch.tensor(boxes, dtype=torch.float32) if boxes else None
 
     def _source_images(self, images, kinds, imglens) -> dict:
         """Each row's first base image at full resolution, for the crops and branches generation runs.
