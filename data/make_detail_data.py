@@ -18,7 +18,8 @@ Files, sharegpt ``messages`` + ``images`` and the branch columns, as released:
   -> the image through DINOv2 -> the answer; likewise with some direct answers in ``train``.
 - ``detail_boxregion_{train,test}.json``: continuous Region Selection (PerceptionGPT's box token):
   question + Region Selection prompt -> ``<|region_token_start|><|perception_box|><|region_token_end|>``
-  -> the crop of that box -> the answer; ``boxes`` holds the square's pixel box.
+  -> the crop of that box, widened by ``BOX_CROP_MARGIN`` of its size per side as the recipe's
+  ``box_crop_margin`` makes generation crop it -> the answer; ``boxes`` holds the square's pixel box.
 - ``detail_grounding_{train,test}.json``: "where is the purple square?" -> ``<|perception_box|>``,
   the box as the answer (referring expression comprehension); ``boxes`` as above.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vpt_plugin.box_heads import crop_pixels as box_crop_pixels
+from vpt_plugin.box_heads import box_crop_pixels
 from vpt_plugin.branches import get_branch
 from vpt_plugin.vocabulary import (
     BOX_TOKEN,
@@ -71,6 +72,8 @@ QUESTION = "Which pattern does the purple square have?"
 GROUNDING_QUESTION = "Where is the purple square?"
 SPLITS = {"train": 400, "test": 48}  # images per split
 DIRECT_SHARE = 0.2  # training rows that answer without a second look
+# Continuous crops are the box itself, PerceptionGPT's default (configs/demo/box_region.yaml, box_crop_margin).
+BOX_CROP_MARGIN = 0.0
 
 
 def texture_colour(texture: str, x: int, y: int) -> tuple[int, int, int]:
@@ -125,13 +128,13 @@ def region_row(path: str, facts: dict, direct: bool) -> dict:
     }
 
 
-def box_region_row(path: str, facts: dict, direct: bool) -> dict:
+def box_region_row(path: str, facts: dict, direct: bool, margin: float = BOX_CROP_MARGIN) -> dict:
     """Continuous Region Selection: the box token names the square; the crop is that box (no margin)."""
     question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REGION_PROMPT}"}
     if direct:
         return direct_row(path, question, facts)
     box = facts["box"]
-    left, top, right, bottom = box_crop_pixels([v / IMAGE_SIZE for v in box], IMAGE_SIZE, IMAGE_SIZE)
+    left, top, right, bottom = box_crop_pixels([v / IMAGE_SIZE for v in box], IMAGE_SIZE, IMAGE_SIZE, margin)
     return {
         "messages": [
             question,
@@ -174,7 +177,8 @@ def reencoding_row(path: str, facts: dict, branch_name: str, direct: bool) -> di
     }
 
 
-def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None = None) -> list[Path]:
+def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None = None,
+                     box_crop_margin: float = BOX_CROP_MARGIN) -> list[Path]:
     """Write every file under ``output`` (``images``: images per split, default :data:`SPLITS`); image
     paths are relative to its parent (LLaMA-Factory's ``media_dir``, which defaults to ``dataset_dir``)."""
     (output / "images").mkdir(parents=True, exist_ok=True)
@@ -190,7 +194,7 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
             direct = split == "train" and rng.random() < DIRECT_SHARE
             region_rows.append(region_row(path, facts, direct))
             dino_rows.append(reencoding_row(path, facts, "dino", direct))
-            box_region_rows.append(box_region_row(path, facts, direct))
+            box_region_rows.append(box_region_row(path, facts, direct, box_crop_margin))
             grounding_rows.append(grounding_row(path, facts))
         files = {"region": region_rows, "dino": dino_rows, "boxregion": box_region_rows, "grounding": grounding_rows}
         for name, rows in files.items():
@@ -206,8 +210,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=SPLITS["train"])
     parser.add_argument("--test-images", type=int, default=SPLITS["test"])
+    parser.add_argument("--box-crop-margin", type=float, default=BOX_CROP_MARGIN,
+                        help="continuous crops: the box widened by this share of its size (the recipe's box_crop_margin)")
     args = parser.parse_args()
-    for path in make_detail_data(args.output, args.seed, {"train": args.train_images, "test": args.test_images}):
+    sizes = {"train": args.train_images, "test": args.test_images}
+    for path in make_detail_data(args.output, args.seed, sizes, args.box_crop_margin):
         print(path)
 
 

@@ -7,7 +7,7 @@ from test_generation import END, RE, RS, generate, reference
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import shape_image
-from vpt_plugin.box_heads import BoxHeads, box_losses, crop_pixels, paired_iou
+from vpt_plugin.box_heads import BoxHeads, box_crop_pixels, box_losses, paired_iou
 from vpt_plugin.branches import VPTInputError
 from vpt_plugin.checkpoint import init_vpt_checkpoint
 from vpt_plugin.conversation import collate, collate_prompts, encode_conversation
@@ -54,9 +54,9 @@ def test_fresh_heads_decode_the_centre_and_crops_follow_the_margin():
     heads = BoxHeads(hidden_size=16, head_size=8)
     heads.reset_parameters()
     assert heads.decode(torch.randn(3, 16)).tolist() == [[0.5] * 4] * 3
-    assert crop_pixels([0.25, 0.5, 0.5, 0.75], 200, 100) == (50, 50, 100, 75)
-    assert crop_pixels([0.25, 0.5, 0.5, 0.75], 200, 100, margin=0.2) == (40, 45, 110, 80)
-    assert crop_pixels([0.9, 0.9, 1.4, 0.9], 100, 100) == (90, 90, 100, 91)  # clamped, at least a pixel
+    assert box_crop_pixels([0.25, 0.5, 0.5, 0.75], 200, 100) == (50, 50, 100, 75)
+    assert box_crop_pixels([0.25, 0.5, 0.5, 0.75], 200, 100, margin=0.2) == (40, 45, 110, 80)
+    assert box_crop_pixels([0.9, 0.9, 1.4, 0.9], 100, 100) == (90, 90, 100, 91)  # clamped, at least a pixel
 
 
 def _rec_batch(processor, config, boxes=((0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.8))):
@@ -153,6 +153,6 @@ def test_generation_decodes_crops_and_feeds_boxes_as_the_reference_does(box_mode
     for k in (0, 3):
         (round_,) = traces[k]["rounds"]
         assert round_["kind"] == "region" and len(round_["boxes"]) == 1 and "grid_boxes" not in round_
-        assert round_["pixel_boxes"] == [list(crop_pixels(round_["boxes"][0], *images[k].size))]
+        assert round_["pixel_boxes"] == [list(box_crop_pixels(round_["boxes"][0], *images[k].size))]
     assert len(traces[1]["answer_boxes"]) == 1 and len(traces[3]["answer_boxes"]) == 1
     assert not traces[2]["rounds"] and not traces[2].get("answer_boxes")

@@ -68,7 +68,7 @@ def paired_iou(boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return box_iou(ordered(boxes), targets).diagonal()
 
 
-def crop_pixels(box, width: int, height: int, margin: float = 0.0) -> tuple[int, int, int, int]:
+def box_crop_pixels(box, width: int, height: int, margin: float = 0.0) -> tuple[int, int, int, int]:
     """Pixel crop ``(left, top, right, bottom)`` of a normalised box, widened by ``margin`` times its
     size on each side, clamped to the image and at least one pixel wide and high."""
     x0, y0, x1, y1 = ordered(torch.as_tensor(box, dtype=torch.float64)).tolist()

@@ -30,6 +30,7 @@ def _init(args) -> None:
         num_inner_forward_run=args.num_inner_forward_run,
         para_mask_id=args.para_mask_id,
         para_mask_ratio=args.para_mask_ratio,
+        box_heads=args.box_heads,
         seed=args.seed,
     )
     if args.tiny:
@@ -62,7 +63,8 @@ def _data_convert(args) -> None:
     from .dataset_tools import convert_rows
 
     branches = [name.strip() for name in args.branches.split(",") if name.strip()]
-    count = convert_rows(args.source, args.output, args.box_format, branches, args.media_dir)
+    count = convert_rows(args.source, args.output, args.box_format, branches, args.media_dir, args.region_mode,
+                         args.box_crop_margin)
     print(f"{count} VPT rows written to {args.output}")
 
 
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--num-inner-forward-run", type=int, default=2, choices=(1, 2))
     init.add_argument("--para-mask-id", type=int, default=1, choices=(0, 1, 2))
     init.add_argument("--para-mask-ratio", type=float, default=0.5)
+    init.add_argument("--box-heads", action="store_true",
+                      help="add PerceptionGPT's <|perception_box|> token and its box heads (fresh)")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=_init)
 
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     data_convert.add_argument("--box-format", choices=("pixels", "normalized"), default="pixels")
     data_convert.add_argument("--branches", default="dino,sam,clip", help="re-encoding rows to add, comma-separated ('' for none)")
     data_convert.add_argument("--media-dir", help="directory image paths are relative to (LLaMA-Factory's media_dir)")
+    data_convert.add_argument("--region-mode", choices=("grid", "continuous"), default="grid",
+                              help="continuous: the region is one <|perception_box|> with a `boxes` column (box_heads: true)")
+    data_convert.add_argument("--box-crop-margin", type=float, default=0.0,
+                              help="continuous regions: crop the box widened by this share of its size (the recipe's box_crop_margin)")
     data_convert.set_defaults(run=_data_convert)
     data_validate = data_commands.add_parser("validate", help="report every bad row of a released-format file")
     data_validate.add_argument("file", type=Path)

@@ -4,7 +4,10 @@ Input rows (JSON list or JSONL): ``{"image": path, "question": str, "answer": st
 [x0, y0, x1, y1]}``, the box in pixels or normalised to 0..1 (``--box-format``). Each row
 becomes a Region Selection row (the box on the 8x8 grid, the crop as a second image with an
 ``_x0,y0,x1,y1`` suffix) and, per ``--branches``, a Vision Re-Encoding row, in the released
-format (``messages``, ``images`` and the branch columns) that ``vpt_sharegpt`` reads.
+format (``messages``, ``images`` and the branch columns) that ``vpt_sharegpt`` reads. With
+``--region-mode continuous`` the Region Selection row names the box with PerceptionGPT's
+``<|perception_box|>`` instead (the ``boxes`` column holds it, normalised; the crop is the box
+widened by ``--box-crop-margin`` of its size, as generation crops it with ``box_crop_margin``).
 """
 
 import json
@@ -14,9 +17,20 @@ from pathlib import Path
 
 from PIL import Image
 
+from .box_heads import box_crop_pixels
 from .branches import get_branch
-from .dataset import MAIN_IMAGES, VPTDataError, row_problems
-from .vocabulary import GRID_SIZE, IMAGE_PLACEHOLDER, REENCODING_PROMPT, REGION_PROMPT, crop_pixels, region_sequence
+from .dataset import BOXES, MAIN_IMAGES, VPTDataError, row_problems
+from .vocabulary import (
+    GRID_SIZE,
+    IMAGE_PLACEHOLDER,
+    REENCODING_PROMPT,
+    REGION_PROMPT,
+    continuous_region_sequence,
+    crop_pixels,
+    region_sequence,
+)
+
+REGION_MODES = ("grid", "continuous")
 
 REQUIRED_KEYS = ("image", "question", "answer", "box")
 
@@ -42,7 +56,8 @@ def grid_cells(box, width: int, height: int) -> tuple[list[int], list[int]]:
     return [cell(x0, width), cell(max(x0, x1 - 1e-6), width)], [cell(y0, height), cell(max(y0, y1 - 1e-6), height)]
 
 
-def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_dir: str | None) -> list[dict]:
+def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_dir: str | None,
+             region_mode: str = "grid", box_crop_margin: float = 0.0) -> list[dict]:
     missing = [key for key in REQUIRED_KEYS if key not in row]
     if missing:
         raise VPTDataError(f"{where}: missing keys {missing}")
@@ -59,18 +74,26 @@ def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_
         box = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
     if not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
         raise VPTDataError(f"{where}, box: {row['box']} is empty or outside the {width}x{height} image")
-    xs, ys = grid_cells(box, width, height)
-    left, top, right, bottom = crop_pixels((xs[0], ys[0], xs[1], ys[1]), width, height)
+    extra = {}
+    if region_mode == "continuous":
+        normalised = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+        left, top, right, bottom = box_crop_pixels(normalised, width, height, box_crop_margin)
+        region, extra = continuous_region_sequence(), {BOXES: [[round(v, 6) for v in normalised]]}
+    else:
+        xs, ys = grid_cells(box, width, height)
+        left, top, right, bottom = crop_pixels((xs[0], ys[0], xs[1], ys[1]), width, height)
+        region = region_sequence(xs, ys)
     question, answer = row["question"], row["answer"]
     rows = [
         {
             "messages": [
                 {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{question}\n{REGION_PROMPT}"},
-                {"role": "assistant", "content": region_sequence(xs, ys)},
+                {"role": "assistant", "content": region},
                 {"role": "user", "content": IMAGE_PLACEHOLDER},
                 {"role": "assistant", "content": answer},
             ],
             MAIN_IMAGES: [image_path, f"{image_path}_{left},{top},{right},{bottom}"],
+            **extra,
         }
     ]
     for name in branches:
@@ -90,12 +113,16 @@ def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_
     return rows
 
 
-def convert_rows(source: Path, output: Path, box_format: str, branches: list[str], media_dir: str | None) -> int:
+def convert_rows(source: Path, output: Path, box_format: str, branches: list[str], media_dir: str | None,
+                 region_mode: str = "grid", box_crop_margin: float = 0.0) -> int:
     """Write the VPT rows of every source row; raises naming every bad source row."""
+    if region_mode not in REGION_MODES:
+        raise VPTDataError(f"region mode {region_mode!r} is not one of {REGION_MODES}")
     converted, problems = [], []
     for index, row in enumerate(read_rows(source)):
         try:
-            converted += vpt_rows(row, f"{source}, row {index}", box_format, branches, media_dir)
+            converted += vpt_rows(row, f"{source}, row {index}", box_format, branches, media_dir, region_mode,
+                                  box_crop_margin)
         except VPTDataError as error:
             problems.append(str(error))
     if problems:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from .box_heads import box_crop_pixels
 from .conversation import collate_prompts, encode_conversation
 from .dataset import open_image
 from .generation import PerceptionInputs, rgb
@@ -90,12 +91,17 @@ def _answer_batch(model, perception: PerceptionInputs, images, questions, allow_
 
 
 def draw_regions(image: Image.Image, trace: dict, colour: str = "red") -> Image.Image:
-    """A copy of ``image`` with every region the model chose drawn (its crop, in pixels)."""
+    """A copy of ``image`` with every region the model chose (its crop, in pixels) and every box it
+    answered with (``<|perception_box|>``, decoded) drawn."""
     drawn = rgb(image).copy()
     pen = ImageDraw.Draw(drawn)
     width = max(2, min(drawn.size) // 100)
+    labelled = []
     for perception_round in trace.get("rounds", []):
-        for i, box in enumerate(perception_round.get("pixel_boxes", [])):
-            pen.rectangle(box, outline=colour, width=width)
-            pen.text((box[0] + width + 1, box[1] + width), f"region {i}", fill=colour)
+        labelled += [(f"region {i}", box) for i, box in enumerate(perception_round.get("pixel_boxes", []))]
+    for i, box in enumerate(trace.get("answer_boxes", [])):
+        labelled.append((f"box {i}", box_crop_pixels(box, *drawn.size)))
+    for label, box in labelled:
+        pen.rectangle(box, outline=colour, width=width)
+        pen.text((box[0] + width + 1, box[1] + width), label, fill=colour)
     return drawn

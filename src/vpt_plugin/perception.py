@@ -22,7 +22,7 @@ An index outside the 8x8 grid cannot be written: only ``<|x_0|>``..``<|x_7|>`` a
 
 from dataclasses import dataclass, field
 
-from . import box_heads
+from .box_heads import box_crop_pixels
 from .branches import BRANCHES, get_branch
 from .vocabulary import (
     REGION_END,
@@ -164,7 +164,7 @@ def crop_boxes(perception: Perception, width: int, height: int, margin: float = 
     """Pixel crops ``(left, top, right, bottom)`` of a region perception's boxes (grid boxes widened
     by a cell, as published; continuous boxes widened by ``margin`` times their size)."""
     if perception.boxes:
-        return [box_heads.crop_pixels(box, width, height, margin) for box in perception.boxes]
+        return [box_crop_pixels(box, width, height, margin) for box in perception.boxes]
     return [crop_pixels(box, width, height) for box in perception.grid_boxes]
 
 

@@ -9,7 +9,10 @@ match) and, when a judge is configured, with the paper's LLM judge. Writes under
 - ``.../judge.jsonl``: the judge's score or why the answer is unscored;
 - ``.../scores.json``: the score, how often the model asked for a second look and, on rows whose
   reference first turn names a region, how often its region was that cell (and, when the row gives
-  the object's ``box``, how often its crop held the whole object);
+  the object's ``box``, how often its crop held the whole object); for a continuous region
+  (``<|perception_box|>``), the IoU of its decoded box with the reference box. On rows whose answer
+  is a box (grounding, PerceptionGPT's REC), the score is REC accuracy (IoU > 0.5), with the mean
+  IoU beside it and the centre-box baseline (a box of the split's mean reference size, centred);
 - ``summary.md``, ``summary.csv`` (one column per dataset plus the average, as the paper's
   tables; ``summary.md`` also tabulates the second looks) and ``summary.png`` (a bar chart).
 Everything is appended item by item, so an interrupted run resumes where it stopped and
@@ -25,8 +28,9 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from ..dataset import VPTDataError, split_crop
-from ..vocabulary import grid_box, grid_indices_in_text
+from ..box_heads import paired_iou
+from ..dataset import BOXES, VPTDataError, open_image, split_crop
+from ..vocabulary import BOX_TOKEN, REGION_START, grid_box, grid_indices_in_text
 from .judge import JudgeConfig, judge_answers, summarize
 from .metrics import default_metric, score
 
@@ -74,18 +78,21 @@ def _from_repo(path: str, repo: Path) -> Path:
     return Path(path) if Path(path).is_absolute() else repo / path
 
 
-def dataset_file(name: str, dataset_dir: Path) -> Path:
-    """A dataset by its dataset_info.json name, or a path to a file in the released format."""
+def dataset_entry(name: str, dataset_dir: Path) -> tuple[Path, str]:
+    """The file of a dataset and its boxes' units (``box_units`` of its dataset_info.json entry)."""
     if Path(name).suffix in (".json", ".jsonl"):
-        return Path(name) if Path(name).is_file() else dataset_dir / name
+        return (Path(name) if Path(name).is_file() else dataset_dir / name), "normalized"
     info = json.loads((dataset_dir / "dataset_info.json").read_text())
     if name not in info:
         raise SystemExit(f"dataset {name!r} is neither a file nor a name in {dataset_dir / 'dataset_info.json'}")
-    return dataset_dir / info[name]["file_name"]
+    return dataset_dir / info[name]["file_name"], info[name].get("box_units", "normalized")
 
 
-def read_items(path: Path, dataset_dir: Path, limit: int | None) -> list[dict]:
-    """Test questions of a released-format file: first user turn, its first image, final answer."""
+def read_items(path: Path, dataset_dir: Path, limit: int | None, box_units: str = "normalized") -> list[dict]:
+    """Test questions of a released-format file: first user turn, its first image, final answer.
+
+    Rows with a ``boxes`` column also give the reference box of a continuous region (the first
+    assistant turn's) and of a box answer (the final answer's), normalised with ``box_units``."""
     if not path.is_file():
         raise SystemExit(f"dataset file {path} not found (released splits: see configs/README.md for the download)")
     text = path.read_text(encoding="utf-8")
@@ -108,8 +115,26 @@ def read_items(path: Path, dataset_dir: Path, limit: int | None) -> list[dict]:
                 item["reference_region"] = list(grid_box(xs, ys))
         if row.get("box"):
             item["box"] = list(row["box"])
+        if row.get(BOXES):
+            item.update(_reference_boxes(row, messages, image, box_units, f"{path}, row {index}"))
         items.append(item)
     return items
+
+
+def _reference_boxes(row, messages, image, box_units, where) -> dict:
+    boxes = [list(map(float, box)) for box in row[BOXES]]
+    if box_units == "pixels":
+        if image is None:
+            raise VPTDataError(f"{where}: {BOXES}: pixel boxes need the row's image")
+        width, height = open_image(image).size
+        boxes = [[x0 / width, y0 / height, x1 / width, y1 / height] for x0, y0, x1, y1 in boxes]
+    found = {}
+    first, answer = messages[1]["content"] if len(messages) >= 4 else "", messages[-1]["content"]
+    if REGION_START + BOX_TOKEN in first:
+        found["reference_region_box"] = boxes[sum(m["content"].count(BOX_TOKEN) for m in messages[:1])]
+    if BOX_TOKEN in answer:
+        found["reference_boxes"] = boxes[len(boxes) - answer.count(BOX_TOKEN) :]
+    return found
 
 
 def read_jsonl(path: Path) -> dict[int, dict]:
@@ -188,7 +213,8 @@ def evaluate(settings: dict) -> dict:
                 name = Path(dataset).stem
                 out = output_dir / model_name / variant / name
                 out.mkdir(parents=True, exist_ok=True)
-                items = read_items(dataset_file(dataset, dataset_dir), dataset_dir, settings.get("limit"))
+                file, box_units = dataset_entry(dataset, dataset_dir)
+                items = read_items(file, dataset_dir, settings.get("limit"), box_units)
                 predictions = predict(model, processor, items, out / "predictions.jsonl", settings, allow_perception,
                                       f"{label} / {name}")
                 scores = score_predictions(predictions, name, settings, judge_config, out)
@@ -208,7 +234,12 @@ def score_predictions(predictions, dataset_name, settings, judge_config, out: Pa
         "perceived": sum(bool(p["trace"]["rounds"]) for p in predictions),
         "malformed": sum(bool(p["trace"]["problem"]) for p in predictions),
         **region_scores(predictions),
+        **continuous_region_scores(predictions),
+        **grounding_scores(predictions),
     }
+    if predictions and scores.get("grounding_items") == len(predictions):
+        # Every answer is a box: the score is REC accuracy, as PerceptionGPT reports it.
+        scores.update(metric="rec_accuracy", metric_mean=scores["grounding_hits"] / len(predictions))
     if judge_config:
         from .judge import JudgeResult
 
@@ -240,6 +271,58 @@ def region_scores(predictions: list[dict]) -> dict:
     if with_box:
         scores.update(region_object_items=with_box, region_object_hits=object_hits)
     return scores
+
+
+def continuous_region_scores(predictions: list[dict]) -> dict:
+    """Continuous regions, on rows whose reference first turn is one: mean IoU of the model's first
+    decoded region box with the reference box, and how often it is above 0.5 (no region: IoU 0);
+    how often the crop held the whole object box."""
+    with_region = [p for p in predictions if p.get("reference_region_box")]
+    if not with_region:
+        return {}
+    ious, object_hits = [], 0
+    for p in with_region:
+        chosen = next((r for r in p["trace"]["rounds"] if r.get("boxes")), None)
+        ious.append(_iou(chosen["boxes"][0], p["reference_region_box"]) if chosen else 0.0)
+        if chosen and p.get("box"):
+            left, top, right, bottom = chosen["pixel_boxes"][0]
+            x0, y0, x1, y1 = p["box"]
+            object_hits += left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
+    found = {"region_box_items": len(with_region), "region_box_iou_mean": sum(ious) / len(ious),
+             "region_box_hits": sum(iou > 0.5 for iou in ious)}
+    if any(p.get("box") for p in with_region):
+        found.update(region_object_items=len(with_region), region_object_hits=object_hits)
+    return found
+
+
+def grounding_scores(predictions: list[dict]) -> dict:
+    """Box answers (REC): the answer's first decoded box against the reference's first box.
+
+    ``grounding_hits``: IoU > 0.5 (no box written: a miss); ``grounding_iou_mean``; and the same
+    for the centre-box baseline, a box of the split's mean reference width and height centred in the image."""
+    with_boxes = [p for p in predictions if p.get("reference_boxes")]
+    if not with_boxes:
+        return {}
+    references = [p["reference_boxes"][0] for p in with_boxes]
+    ious = [_iou(p["trace"]["answer_boxes"][0], ref) if p["trace"].get("answer_boxes") else 0.0
+            for p, ref in zip(with_boxes, references)]
+    width = sum(x1 - x0 for x0, _, x1, _ in references) / len(references)
+    height = sum(y1 - y0 for _, y0, _, y1 in references) / len(references)
+    centre = [0.5 - width / 2, 0.5 - height / 2, 0.5 + width / 2, 0.5 + height / 2]
+    centre_ious = [_iou(centre, ref) for ref in references]
+    return {
+        "grounding_items": len(with_boxes),
+        "grounding_hits": sum(iou > 0.5 for iou in ious),
+        "grounding_iou_mean": sum(ious) / len(ious),
+        "centre_box_hits": sum(iou > 0.5 for iou in centre_ious),
+        "centre_box_iou_mean": sum(centre_ious) / len(centre_ious),
+    }
+
+
+def _iou(box, reference) -> float:
+    import torch
+
+    return float(paired_iou(torch.tensor([box], dtype=torch.float64), torch.tensor([reference], dtype=torch.float64))[0])
 
 
 SCORE_NAMES = {"judge_mean": "LLM judge", "metric_mean": "offline metric"}
@@ -280,7 +363,28 @@ def looks_table(table: dict) -> str:
             lines.append(f"| {label} | {dataset} | {percent(scores['perceived'], scores['items'])} | "
                          f"{percent(scores.get('region_cell_hits', 0), scores.get('region_items', 0))} | "
                          f"{percent(scores.get('region_object_hits', 0), scores.get('region_object_items', 0))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + boxes_table(table)
+
+
+def boxes_table(table: dict) -> str:
+    """Markdown: per model and dataset with boxes, the continuous regions' and box answers' IoU figures."""
+    lines = []
+    for label, per_dataset in table.items():
+        for dataset, scores in per_dataset.items():
+            if "region_box_items" in scores:
+                count = scores["region_box_items"]
+                lines.append(f"| {label} | {dataset} | continuous region | {100 * scores['region_box_hits'] / count:.1f} | "
+                             f"{scores['region_box_iou_mean']:.3f} | - |")
+            if "grounding_items" in scores:
+                count = scores["grounding_items"]
+                lines.append(f"| {label} | {dataset} | box answer | {100 * scores['grounding_hits'] / count:.1f} | "
+                             f"{scores['grounding_iou_mean']:.3f} | {100 * scores['centre_box_hits'] / count:.1f} / "
+                             f"{scores['centre_box_iou_mean']:.3f} |")
+    if not lines:
+        return ""
+    header = ["", "Boxes", "", "| model | dataset | box | Acc@0.5 (x100) | mean IoU | centre box: Acc / IoU |",
+              "|---|---|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n"
 
 
 def _bar_chart(rows, header, path: Path, what: str) -> None:

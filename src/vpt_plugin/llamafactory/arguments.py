@@ -97,6 +97,9 @@ class VPTArguments:
     processor: object = field(default=None, init=False, repr=False)  # kept for generation (model_loading)
 
     def __post_init__(self):
+        for name in ("box_loss_weight", "box_crop_margin"):  # `key=4` on the command line arrives as an int
+            if isinstance(getattr(self, name), int):
+                setattr(self, name, float(getattr(self, name)))
         if self.customize_model_class not in (None, "None", VPT_MODEL_CLASS):
             raise ValueError(
                 f"customize_model_class: {self.customize_model_class!r} is not known; use `vpt` (or leave it out)"
