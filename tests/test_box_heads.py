@@ -156,3 +156,14 @@ def test_generation_decodes_crops_and_feeds_boxes_as_the_reference_does(box_mode
         assert round_["pixel_boxes"] == [list(box_crop_pixels(round_["boxes"][0], *images[k].size))]
     assert len(traces[1]["answer_boxes"]) == 1 and len(traces[3]["answer_boxes"]) == 1
     assert not traces[2]["rounds"] and not traces[2].get("answer_boxes")
+
+
+def test_vpt_init_box_heads_without_branches(tmp_path):
+    from vpt_plugin.cli import main as vpt_main
+
+    vpt_main(["init", "--tiny", "qwen3_vl", "--output", str(tmp_path / "rec"), "--branches", "", "--box-heads",
+              "--num-inner-forward-run", "1"])
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "rec")
+    tokenizer = AutoProcessor.from_pretrained(tmp_path / "rec").tokenizer
+    assert model.config.vision_encoder_ls == [] and model.config.box_token_id == tokenizer.convert_tokens_to_ids(BOX)
+    assert model.box_heads.decode(torch.randn(1, model.config.text_config.hidden_size)).tolist() == [[0.5] * 4]

@@ -114,3 +114,26 @@ def test_demo_dataset_regenerates_byte_for_byte(tmp_path):
     assert not mismatch and not errors and len(match) == len(images)
     for name in names:
         assert validate_file(committed / name, str(REPO / "data")) == [], name
+
+
+def test_continuous_region_rows_name_the_box_with_one_token(image_dir):
+    source = image_dir / "mine.json"
+    source.write_text(json.dumps([{"image": "photo.png", "question": "Sign?", "answer": "stop", "box": [100, 50, 200, 150]}]))
+    out = image_dir / "vpt.json"
+    vpt(["data", "convert", str(source), "--output", str(out), "--branches", "", "--media-dir", str(image_dir),
+         "--region-mode", "continuous", "--box-crop-margin", "0.5"])
+    (row,) = json.loads(out.read_text())
+    assert row["messages"][1]["content"] == "<|region_token_start|><|perception_box|><|region_token_end|>"
+    assert row["boxes"] == [[0.25, 0.25, 0.5, 0.75]]  # normalised, the dataset_info entry's default units
+    assert row["images"] == ["photo.png", "photo.png_50,0,250,200"]  # widened by half the box per side, clamped
+    assert validate_file(out, str(image_dir)) == []
+
+
+def test_validate_checks_boxes_in_their_units(image_dir, capsys):
+    row = {"messages": [{"role": "user", "content": "<image>Where?"}, {"role": "assistant", "content": "<|perception_box|>"}],
+           "images": ["photo.png"], "boxes": [[0, 0, 300, 100]]}
+    path = image_dir / "rows.json"
+    path.write_text(json.dumps([row, {**row, "boxes": [[0, 0, 500, 100]]}]))
+    with pytest.raises(SystemExit):
+        vpt(["data", "validate", str(path), "--media-dir", str(image_dir), "--box-units", "pixels"])
+    assert capsys.readouterr().out.splitlines() == [f"{path}: row 1, boxes[0]: [0, 0, 500, 100] is outside the 400x200 image"]

@@ -71,7 +71,7 @@ def _data_convert(args) -> None:
 def _data_validate(args) -> None:
     from .dataset_tools import validate_file
 
-    problems = validate_file(args.file, args.media_dir)
+    problems = validate_file(args.file, args.media_dir, args.box_units)
     for problem in problems:
         print(f"{args.file}: {problem}")
     if problems:
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     data_validate = data_commands.add_parser("validate", help="report every bad row of a released-format file")
     data_validate.add_argument("file", type=Path)
     data_validate.add_argument("--media-dir", help="directory image paths are relative to (LLaMA-Factory's media_dir)")
+    data_validate.add_argument("--box-units", choices=("normalized", "pixels"), default="normalized",
+                               help="units of the `boxes` column (the dataset_info.json entry's box_units)")
     data_validate.set_defaults(run=_data_validate)
 
     convert = commands.add_parser("convert", help="convert a checkpoint saved by the published VPT code")

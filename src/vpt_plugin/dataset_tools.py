@@ -19,7 +19,7 @@ from PIL import Image
 
 from .box_heads import box_crop_pixels
 from .branches import get_branch
-from .dataset import BOXES, MAIN_IMAGES, VPTDataError, row_problems
+from .dataset import BOXES, MAIN_IMAGES, VPTDataError, row_boxes, row_problems
 from .vocabulary import (
     GRID_SIZE,
     IMAGE_PLACEHOLDER,
@@ -131,8 +131,9 @@ def convert_rows(source: Path, output: Path, box_format: str, branches: list[str
     return len(converted)
 
 
-def validate_file(path: Path, media_dir: str | None) -> list[str]:
-    """Every problem of a released-format dataset file, as ``"row i, field: problem"``."""
+def validate_file(path: Path, media_dir: str | None, box_units: str = "normalized") -> list[str]:
+    """Every problem of a released-format dataset file, as ``"row i, field: problem"`` (``box_units``:
+    those of its ``boxes`` column, as its dataset_info.json entry declares them)."""
     report = []
     for index, row in enumerate(read_rows(path)):
         messages = row.get("messages") or []
@@ -141,5 +142,6 @@ def validate_file(path: Path, media_dir: str | None) -> list[str]:
         for key, value in row.items():
             if key.endswith("images") and isinstance(value, list):
                 images[key] = [os.path.join(media_dir, v) if media_dir and isinstance(v, str) else v for v in value]
-        report += [f"row {index}, {problem}" for problem in row_problems(contents, images)]
+        problems = row_problems(contents, images) + row_boxes(contents, row.get(BOXES), images.get(MAIN_IMAGES), box_units)[0]
+        report += [f"row {index}, {problem}" for problem in problems]
     return report
