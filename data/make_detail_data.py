@@ -22,6 +22,9 @@ Files, sharegpt ``messages`` + ``images`` and the branch columns, as released:
   ``box_crop_margin`` makes generation crop it -> the answer; ``boxes`` holds the square's pixel box.
 - ``detail_grounding_{train,test}.json``: "where is the purple square?" -> ``<|perception_box|>``,
   the box as the answer (referring expression comprehension); ``boxes`` as above.
+- ``detail_cells_train.json``: "which cells hold the purple square?" -> the grid tokens. A tiny random
+  model learns where things are from this cross-entropy far sooner than from a box loss alone (a
+  large model already knows); the box-token and the grid demo recipes both train on it.
 
 Run from the repository root: ``python data/make_detail_data.py [--output data/detail]``; the
 images are written next to the files, their paths relative to ``--output``'s parent (the
@@ -70,10 +73,12 @@ PLAIN = tuple((light + dark) // 2 for light, dark in zip(LIGHT, DARK))
 TEXTURES = ("horizontal", "vertical", "checked", "none")
 QUESTION = "Which pattern does the purple square have?"
 GROUNDING_QUESTION = "Where is the purple square?"
+CELLS_QUESTION = "Which cells hold the purple square?"
 SPLITS = {"train": 400, "test": 48}  # images per split
 DIRECT_SHARE = 0.2  # training rows that answer without a second look
-# Continuous crops are the box itself, PerceptionGPT's default (configs/demo/box_region.yaml, box_crop_margin).
-BOX_CROP_MARGIN = 0.0
+# Continuous crops: the square and a sixth of its size around it, i.e. its 2x2 block of cells (64 px, two
+# of Qwen3-VL's 32 px tokens a side), so the one-pixel texture reaches the ViT without resampling.
+BOX_CROP_MARGIN = 1 / 6
 
 
 def texture_colour(texture: str, x: int, y: int) -> tuple[int, int, int]:
@@ -160,6 +165,17 @@ def grounding_row(path: str, facts: dict) -> dict:
     }
 
 
+def cells_row(path: str, facts: dict) -> dict:
+    x0, y0, x1, y1 = facts["cells"]
+    return {
+        "messages": [
+            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{CELLS_QUESTION}"},
+            {"role": "assistant", "content": region_sequence([x0, x1], [y0, y1])},
+        ],
+        "images": [path],
+    }
+
+
 def reencoding_row(path: str, facts: dict, branch_name: str, direct: bool) -> dict:
     tokens = get_branch(branch_name).tokens
     question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REENCODING_PROMPT}"}
@@ -185,7 +201,7 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
     written = []
     for offset, (split, count) in enumerate({**SPLITS, **(images or {})}.items()):
         rng = random.Random(seed * 1000 + offset)
-        region_rows, dino_rows, box_region_rows, grounding_rows = [], [], [], []
+        region_rows, dino_rows, box_region_rows, grounding_rows, cells_rows = [], [], [], [], []
         for i in range(count):
             image, facts = draw_image(rng)
             image_path = output / "images" / f"{split}_{i:03d}.png"
@@ -196,7 +212,10 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
             dino_rows.append(reencoding_row(path, facts, "dino", direct))
             box_region_rows.append(box_region_row(path, facts, direct, box_crop_margin))
             grounding_rows.append(grounding_row(path, facts))
+            cells_rows.append(cells_row(path, facts))
         files = {"region": region_rows, "dino": dino_rows, "boxregion": box_region_rows, "grounding": grounding_rows}
+        if split == "train":
+            files["cells"] = cells_rows
         for name, rows in files.items():
             file = output / f"detail_{name}_{split}.json"
             file.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n", encoding="utf-8")

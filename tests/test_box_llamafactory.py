@@ -92,7 +92,7 @@ def runs(tmp_path_factory):
                 freeze_vision_tower="true")
     run_side_by_side({
         # A box answer is one token: 30 steps teach the model to write it, so predict decodes boxes.
-        "full": (["llamafactory-cli", "train", str(RECIPE), *_args(common, output_dir=root / "full", max_steps=30,
+        "full": (["llamafactory-cli", "train", str(RECIPE), *_args(common, output_dir=root / "full", max_steps=30, learning_rate=1e-3,
                                                                     dataset="detail_grounding_train")], {}),
         "lora": (["llamafactory-cli", "train", str(RECIPE), *_args(common, lora, output_dir=root / "lora", max_steps=4)], {}),
     }, root)

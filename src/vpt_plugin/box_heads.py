@@ -73,8 +73,8 @@ def box_crop_pixels(box, width: int, height: int, margin: float = 0.0) -> tuple[
     size on each side, clamped to the image and at least one pixel wide and high."""
     x0, y0, x1, y1 = ordered(torch.as_tensor(box, dtype=torch.float64)).tolist()
     pad_x, pad_y = margin * (x1 - x0), margin * (y1 - y0)
-    left = min(max(int((x0 - pad_x) * width), 0), width - 1)
-    top = min(max(int((y0 - pad_y) * height), 0), height - 1)
+    left = min(max(int(round((x0 - pad_x) * width)), 0), width - 1)
+    top = min(max(int(round((y0 - pad_y) * height)), 0), height - 1)
     right = max(min(int(round((x1 + pad_x) * width)), width), left + 1)
     bottom = max(min(int(round((y1 + pad_y) * height)), height), top + 1)
     return left, top, right, bottom

@@ -11,6 +11,11 @@ test split, both scores, how often the model asked for a second look and how oft
 was the right cell; it draws some test images with the chosen and the true regions beside the
 score chart (``outputs/demo/look_again.png``).
 
+``--box`` compares the two ways of naming the region on the same task: PerceptionGPT's continuous
+box token (``configs/demo/box_region.yaml``, which also learns grounding: "where is the purple square?"
+answered with a box) against the six grid tokens (``configs/demo/grid_region.yaml``), trained alike;
+both are evaluated with VPT and with perception suppressed (``evaluation/box_region.yaml``).
+
 ``--tour`` runs the recipe tour instead: every branch's alignment and VPT stage, the clip branch
 from a plain Qwen2-VL and its LoRA variant (``configs/demo``), each checked to learn, save and reload.
 """
@@ -18,6 +23,7 @@ from a plain Qwen2-VL and its LoRA variant (``configs/demo``), each checked to l
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -105,12 +111,66 @@ def look_again(configs: Path, evaluation: Path, data: Path) -> dict:
           flush=True)
     print("== evaluation: the test questions with VPT and with perception suppressed", flush=True)
     settings = load_settings(main_parser().parse_args(["--config", str(evaluation)]), repo=Path.cwd())
+    fresh_evaluation(settings)
     table = evaluate(settings)
     print(proof_table(table))
     picture = Path(settings["output_dir"]).parent / f"{PROOF_RECIPE}.png"
     draw_proof(table, Path(settings["output_dir"]), Path(settings["dataset_dir"]), picture)
     print(f"picture of test answers and the score chart: {picture}")
     return table
+
+
+def box_comparison(configs: Path, evaluation: Path) -> dict:
+    """Train continuous and grid Region Selection alike, evaluate both; returns the evaluation table."""
+    from .evaluation.runner import evaluate, load_settings, main_parser
+
+    for name, what in (("grid_region", "grid Region Selection (six grid tokens)"),
+                       ("box_region", "continuous Region Selection and grounding (one <|perception_box|>)")):
+        recipe = configs / f"{name}.yaml"
+        output_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
+        print(f"== {name}: a tiny Qwen3-VL learns {what} on the texture task", flush=True)
+        started = time.perf_counter()
+        run_recipe(recipe, output_dir.with_suffix(".log"))
+        losses = training_losses(output_dir)
+        print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logs in "
+              f"{time.perf_counter() - started:.0f}s", flush=True)
+    print("== evaluation: the test questions with VPT and with perception suppressed", flush=True)
+    settings = load_settings(main_parser().parse_args(["--config", str(evaluation)]), repo=Path.cwd())
+    fresh_evaluation(settings)
+    table = evaluate(settings)
+    grid_model = Path(yaml.safe_load((configs / "grid_region.yaml").read_text())["output_dir"])
+    table.update(evaluate({**settings, "models": {"grid_region": str(grid_model)}, "datasets": ["detail_region_test"],
+                           "output_dir": str(Path(settings["output_dir"]) / "grid")}))
+    print(box_comparison_table(table))
+    return table
+
+
+def box_comparison_table(table: dict) -> str:
+    """Markdown: per region mode, exact match with VPT and suppressed, and how good the regions were."""
+    lines = ["| region mode | test split | with VPT | perception suppressed | region right | crop holds the square |",
+             "|---|---|---|---|---|---|"]
+    for mode, label, dataset in (("grid tokens", "grid_region", "detail_region_test"),
+                                 ("box token", "box_region", "detail_boxregion_test")):
+        scores, suppressed = table[label][dataset], table[f"{label} (no VPT)"][dataset]
+        if mode == "grid tokens":
+            right = f"{100 * scores['region_cell_hits'] / scores['region_items']:.0f}% (true cells)"
+        else:
+            right = (f"{100 * scores['region_box_hits'] / scores['region_box_items']:.0f}% (IoU > 0.5; mean IoU "
+                     f"{scores['region_box_iou_mean']:.2f})")
+        holds = 100 * scores["region_object_hits"] / scores["region_object_items"]
+        lines.append(f"| {mode} | {dataset} | {100 * scores['metric_mean']:.1f} | {100 * suppressed['metric_mean']:.1f} | "
+                     f"{right} | {holds:.0f}% |")
+    grounding = table["box_region"]["detail_grounding_test"]
+    lines += ["", "| grounding (box answer) | REC Acc@0.5 | mean IoU | centre box: Acc@0.5 / mean IoU |", "|---|---|---|---|",
+              f"| box_region on detail_grounding_test | {100 * grounding['metric_mean']:.1f} | "
+              f"{grounding['grounding_iou_mean']:.3f} | {100 * grounding['centre_box_hits'] / grounding['grounding_items']:.1f}"
+              f" / {grounding['centre_box_iou_mean']:.3f} |"]
+    return "\n".join(lines)
+
+
+def fresh_evaluation(settings: dict) -> None:
+    """Remove an earlier evaluation's answers: the evaluation resumes from them, and the models were just retrained."""
+    shutil.rmtree(settings["output_dir"], ignore_errors=True)
 
 
 def proof_table(table: dict) -> str:
@@ -208,8 +268,11 @@ def main() -> None:
     parser.add_argument("--configs", type=Path, default=Path("configs/demo"))
     parser.add_argument("--tiny", type=Path, default=Path("outputs/tiny"), help="where `vpt tiny` wrote its models")
     parser.add_argument("--data", type=Path, default=Path("data"), help="dataset_dir (the look-again task goes to detail/)")
-    parser.add_argument("--evaluation", type=Path, default=Path("evaluation/demo.yaml"), help="evaluation settings")
+    parser.add_argument("--evaluation", type=Path,
+                        help="evaluation settings (default: evaluation/demo.yaml, with --box evaluation/box_region.yaml)")
     parser.add_argument("--tour", action="store_true", help="run the recipe tour instead of the look-again proof")
+    parser.add_argument("--box", action="store_true",
+                        help="compare continuous (box token) and grid Region Selection instead of the look-again proof")
     args = parser.parse_args()
     if not all((args.tiny / folder / "config.json").is_file() for folder in ("qwen2-vl", "qwen3-vl", "dinov2")):
         from .tiny import build_tiny_fixtures
@@ -217,8 +280,10 @@ def main() -> None:
         build_tiny_fixtures(args.tiny, bases=("qwen2_vl", "qwen3_vl"))
     if args.tour:
         tour(args.configs)
+    elif args.box:
+        box_comparison(args.configs, args.evaluation or Path("evaluation/box_region.yaml"))
     else:
-        look_again(args.configs, args.evaluation, args.data)
+        look_again(args.configs, args.evaluation or Path("evaluation/demo.yaml"), args.data)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,6 @@ def vpt_config(config, model_args):
             base = get_base(config.model_type)
         except ValueError as error:
             raise ValueError(f"customize_model_class: vpt, `model_name_or_path` {source}: {error}") from None
-        if not vpt.branch_names and not vpt.box_heads:
-            raise ValueError("customize_model_class: vpt needs `vision_encoder_ls` (dino, sam or clip) or `box_heads: true`")
         base_fields = {k: v for k, v in config.to_dict().items() if k not in NOT_CONFIG_FIELDS}
         encoder_configs = {name: encoder_weights(name, model_args)[0].to_dict() for name in _encoders(vpt)}
         config = base.config_class(**base_fields, vision_encoder_ls=vpt.branch_names, branch_encoder_configs=encoder_configs)
