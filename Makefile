@@ -22,7 +22,6 @@ $(STAMP): setup.py constraints.txt
 
 demo: install
 	$(VENV)/bin/vpt tiny --base qwen2_vl,qwen3_vl --output $(TINY)
-	$(PY) data/make_detail_data.py --output data/detail
 	$(PY) -m vpt_plugin.demo --tiny $(TINY)
 
 test: install

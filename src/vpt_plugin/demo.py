@@ -93,25 +93,42 @@ def reload_and_evaluate(recipe: Path, log: Path, extra_args: tuple[str, ...] = (
 # ---------------------------------------------------------------------------- the proof
 
 
-def look_again(configs: Path, evaluation: Path, data: Path) -> dict:
-    """Train the look-again model, evaluate it with and without VPT; returns the evaluation table."""
-    from .evaluation.runner import evaluate, load_settings, main_parser
+def write_detail_data(data: Path) -> None:
+    """The texture task's files (data/make_detail_data.py: deterministic, a few seconds)."""
+    subprocess.run([sys.executable, str(data / "make_detail_data.py"), "--output", str(data / "detail")], check=True,
+                   stdout=subprocess.DEVNULL)
 
-    if not (data / "detail" / "detail_region_train.json").is_file():
-        subprocess.run([sys.executable, str(data / "make_detail_data.py"), "--output", str(data / "detail")], check=True,
-                       stdout=subprocess.DEVNULL)
-    recipe = configs / f"{PROOF_RECIPE}.yaml"
+
+def train_demo_model(recipe: Path, what: str) -> Path:
+    """Train one demo recipe, printing what it learns and its loss; returns its output folder."""
     output_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
-    print(f"== {PROOF_RECIPE}: a tiny Qwen3-VL learns Region Selection and DINOv2 re-encoding on the texture task",
-          flush=True)
+    print(f"== {recipe.stem}: a tiny Qwen3-VL learns {what} on the texture task", flush=True)
     started = time.perf_counter()
     run_recipe(recipe, output_dir.with_suffix(".log"))
     losses = training_losses(output_dir)
     print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logs in {time.perf_counter() - started:.0f}s",
           flush=True)
+    return output_dir
+
+
+def fresh_evaluation_settings(evaluation: Path) -> dict:
+    """The evaluation config's settings, its earlier answers removed: the evaluation resumes from
+    them, and the demo's models were just retrained."""
+    from .evaluation.runner import load_settings, main_parser
+
     print("== evaluation: the test questions with VPT and with perception suppressed", flush=True)
     settings = load_settings(main_parser().parse_args(["--config", str(evaluation)]), repo=Path.cwd())
-    fresh_evaluation(settings)
+    shutil.rmtree(settings["output_dir"], ignore_errors=True)
+    return settings
+
+
+def look_again(configs: Path, evaluation: Path, data: Path) -> dict:
+    """Train the look-again model, evaluate it with and without VPT; returns the evaluation table."""
+    from .evaluation.runner import evaluate
+
+    write_detail_data(data)
+    train_demo_model(configs / f"{PROOF_RECIPE}.yaml", "Region Selection and DINOv2 re-encoding")
+    settings = fresh_evaluation_settings(evaluation)
     table = evaluate(settings)
     print(proof_table(table))
     picture = Path(settings["output_dir"]).parent / f"{PROOF_RECIPE}.png"
@@ -120,25 +137,15 @@ def look_again(configs: Path, evaluation: Path, data: Path) -> dict:
     return table
 
 
-def box_comparison(configs: Path, evaluation: Path) -> dict:
+def box_comparison(configs: Path, evaluation: Path, data: Path) -> dict:
     """Train continuous and grid Region Selection alike, evaluate both; returns the evaluation table."""
-    from .evaluation.runner import evaluate, load_settings, main_parser
+    from .evaluation.runner import evaluate
 
-    for name, what in (("grid_region", "grid Region Selection (six grid tokens)"),
-                       ("box_region", "continuous Region Selection and grounding (one <|perception_box|>)")):
-        recipe = configs / f"{name}.yaml"
-        output_dir = Path(yaml.safe_load(recipe.read_text())["output_dir"])
-        print(f"== {name}: a tiny Qwen3-VL learns {what} on the texture task", flush=True)
-        started = time.perf_counter()
-        run_recipe(recipe, output_dir.with_suffix(".log"))
-        losses = training_losses(output_dir)
-        print(f"   loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logs in "
-              f"{time.perf_counter() - started:.0f}s", flush=True)
-    print("== evaluation: the test questions with VPT and with perception suppressed", flush=True)
-    settings = load_settings(main_parser().parse_args(["--config", str(evaluation)]), repo=Path.cwd())
-    fresh_evaluation(settings)
+    write_detail_data(data)
+    grid_model = train_demo_model(configs / "grid_region.yaml", "grid Region Selection (six grid tokens)")
+    train_demo_model(configs / "box_region.yaml", "continuous Region Selection and grounding (one <|perception_box|>)")
+    settings = fresh_evaluation_settings(evaluation)
     table = evaluate(settings)
-    grid_model = Path(yaml.safe_load((configs / "grid_region.yaml").read_text())["output_dir"])
     table.update(evaluate({**settings, "models": {"grid_region": str(grid_model)}, "datasets": ["detail_region_test"],
                            "output_dir": str(Path(settings["output_dir"]) / "grid")}))
     print(box_comparison_table(table))
@@ -166,11 +173,6 @@ def box_comparison_table(table: dict) -> str:
               f"{grounding['grounding_iou_mean']:.3f} | {100 * grounding['centre_box_hits'] / grounding['grounding_items']:.1f}"
               f" / {grounding['centre_box_iou_mean']:.3f} |"]
     return "\n".join(lines)
-
-
-def fresh_evaluation(settings: dict) -> None:
-    """Remove an earlier evaluation's answers: the evaluation resumes from them, and the models were just retrained."""
-    shutil.rmtree(settings["output_dir"], ignore_errors=True)
 
 
 def proof_table(table: dict) -> str:
@@ -281,7 +283,7 @@ def main() -> None:
     if args.tour:
         tour(args.configs)
     elif args.box:
-        box_comparison(args.configs, args.evaluation or Path("evaluation/box_region.yaml"))
+        box_comparison(args.configs, args.evaluation or Path("evaluation/box_region.yaml"), args.data)
     else:
         look_again(args.configs, args.evaluation or Path("evaluation/demo.yaml"), args.data)
 
