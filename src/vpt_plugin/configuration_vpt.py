@@ -44,6 +44,9 @@ class VPTConfigMixin:
         box_loss_weight: ``w_box`` of the loss ``lm + w_box * (L1 + GIoU)``.
         box_crop_margin: continuous Region Selection crops the decoded box widened by this fraction
             of its width and height on each side (0: the box itself).
+        vit_layer_fusion: PerceptionGPT's adaptive multi-layer fusion of the base ViT's layers
+            (``vit_fusion.py``): learnable softmax-normalised weights over every layer's input replace the
+            last layer's output. Off by default.
         reference_compat: reproduce the published forward exactly where this project deviates
             on purpose (docs/DEVIATIONS.md): input embeddings and every vision encoder run
             under ``no_grad``, and missing ``position_ids`` become 1-D positions rather than M-RoPE.
@@ -64,6 +67,7 @@ class VPTConfigMixin:
     box_head_size: int = 512
     box_loss_weight: float = 1.0
     box_crop_margin: float = 0.0
+    vit_layer_fusion: bool = False
     reference_compat: bool = False
 
     def __post_init__(self, **kwargs):

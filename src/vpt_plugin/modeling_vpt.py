@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 from .box_heads import BoxHeads, box_losses
 from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
 from .vision_features import DecoderLayerFeatures, VisionFeatures
+from .vit_fusion import ViTLayerFusion
 
 IGNORE_INDEX = -100
 
@@ -75,10 +76,13 @@ class VPTModelMixin:
             self.add_module(branch.projector_attribute, branch.build_projector(config))
         if config.box_heads:
             self.box_heads = BoxHeads(config.text_config.hidden_size, config.box_head_size)
+        if config.vit_layer_fusion:
+            self.vit_fusion = ViTLayerFusion(len(self.model.visual.blocks))
+            self.vit_fusion.attach(self.model.visual)
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, (ControlProjector, BoxHeads)):
+        if isinstance(module, (ControlProjector, BoxHeads, ViTLayerFusion)):
             module.reset_parameters()
         else:
             super()._init_weights(module)

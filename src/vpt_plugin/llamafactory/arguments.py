@@ -75,6 +75,10 @@ class VPTArguments:
     box_crop_margin: float | None = field(
         default=None, metadata={"help": "Continuous regions crop the box widened by this fraction of its size; default 0."}
     )
+    vit_layer_fusion: bool | None = field(
+        default=None,
+        metadata={"help": "PerceptionGPT's adaptive multi-layer fusion of the base ViT's layers (new weights start equal)."},
+    )
     freefreeze_frozen_modules: str | None = field(
         default=None, metadata={"help": "freefreeze: parameters whose names contain one of these are frozen."}
     )
@@ -144,7 +148,7 @@ class VPTArguments:
     def config_overrides(self) -> dict[str, Any]:
         """The VPT config fields the recipe sets."""
         names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
-                 "box_loss_weight", "box_crop_margin")
+                 "box_loss_weight", "box_crop_margin", "vit_layer_fusion")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
