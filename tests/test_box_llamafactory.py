@@ -1,7 +1,7 @@
 """PerceptionGPT's box token through the unmodified ``llamafactory-cli``: train, predict, export.
 
 On a tiny Qwen3-VL and a small version of the demo's box splits (data/make_detail_data.py, boxes in
-pixels as dataset_info.json declares): full tuning logs each part of the loss; predict with generate
+pixels as dataset_info.json declares): full tuning (ViT fusion on) logs each part of the loss; predict with generate
 writes the boxes the model decodes; a LoRA model (heads, embeddings and lm_head trained in full
 through ``additional_target``, as the real recipes do) exported by ``llamafactory-cli export`` loads
 with ``trust_remote_code`` where vpt_plugin cannot be imported and decodes the same boxes.
@@ -93,7 +93,7 @@ def runs(tmp_path_factory):
     run_side_by_side({
         # A box answer is one token: 30 steps teach the model to write it, so predict decodes boxes.
         "full": (["llamafactory-cli", "train", str(RECIPE), *_args(common, output_dir=root / "full", max_steps=30, learning_rate=1e-3,
-                                                                    dataset="detail_grounding_train")], {}),
+                                                                    dataset="detail_grounding_train", vit_layer_fusion="true")], {}),
         "lora": (["llamafactory-cli", "train", str(RECIPE), *_args(common, lora, output_dir=root / "lora", max_steps=4)], {}),
     }, root)
 
@@ -162,6 +162,9 @@ def test_training_logs_each_part_of_the_loss(runs):
             assert entry["loss"] == pytest.approx(entry["lm_loss"] + entry["box_l1"] + entry["box_giou"], abs=2e-3)
     config = json.loads((runs["root"] / "full" / "config.json").read_text())
     assert config["box_heads"] is True and config["box_token_id"] is not None
+    # The recipe key turned the ViT fusion on, and its weights trained (they start at zero).
+    assert config["vit_layer_fusion"] is True
+    assert load_file(runs["root"] / "full" / "model.safetensors")["vit_fusion.weights"].abs().sum() > 0
 
 
 def test_predict_writes_the_decoded_boxes(runs):
