@@ -283,7 +283,7 @@ class VPTGenerator:
         if next_image != len(grids):
             raise VPTInputError(f"{len(grids)} images given but the prompts hold {next_image}")
         given = list(boxes.to(self.device, torch.float32)) if boxes is not None else []
-        wanted = [self.vocab.box is not None and row.tokens.count(self.vocab.box) for row in rows]
+        wanted = [row.tokens.count(self.vocab.box) if self.vocab.box is not None else 0 for row in rows]
         if sum(wanted) != len(given):
             raise VPTInputError(f"the prompts hold {sum(wanted)} <|perception_box|> tokens (per row {wanted}) "
                                 f"but {len(given)} boxes were given")
@@ -612,10 +612,9 @@ class VPTGenerator:
         turn = perception_turn(perception, body, row.source, self.inputs, self.config)
         tokens = row.tokens[: row.segment_start] + turn.ids
         if self.vocab.box is not None and tokens.count(self.vocab.box) != len(row.boxes):
-            raise VPTInputError(  # the replayed turn must keep each box token, so each keeps its box
-                f"the perception turn holds {tokens.count(self.vocab.box)} <|perception_box|> tokens "
-                f"for {len(row.boxes)} boxes"
-            )
+            # The replayed turn keeps each box token (an added, not a special, token), so each keeps its box.
+            raise RuntimeError(f"the perception turn holds {tokens.count(self.vocab.box)} <|perception_box|> tokens "
+                               f"for {len(row.boxes)} boxes")
         reuse = min(common_prefix(row.tokens[: row.cached], tokens), row.cached)
         # Never reuse part of an image's features: recompute from its start.
         for start, end in pad_runs(tokens, self.config.image_token_id) + self._all_branch_runs(tokens):
