@@ -134,7 +134,7 @@ def region_row(path: str, facts: dict, direct: bool) -> dict:
 
 
 def box_region_row(path: str, facts: dict, direct: bool, margin: float = BOX_CROP_MARGIN) -> dict:
-    """Continuous Region Selection: the box token names the square; the crop is that box (no margin)."""
+    """Continuous Region Selection: the box token names the square; the crop is that box widened by ``margin``."""
     question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REGION_PROMPT}"}
     if direct:
         return direct_row(path, question, facts)

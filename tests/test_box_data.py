@@ -98,4 +98,32 @@ def test_box_scores_by_hand(tmp_path):
     assert grounding["centre_box_iou_mean"] == pytest.approx(0.0625 / 0.4375) and grounding["centre_box_hits"] == 0
     region = continuous_region_scores(predictions)
     assert region == {"region_box_items": 1, "region_box_iou_mean": pytest.approx(0.5), "region_box_hits": 0,
-                      "region_object_items": 1, "region_object_hits": 0}  # the crop [0, 0, 25, 50] cuts the object
+                      "region_box_object_items": 1, "region_box_object_hits": 0}  # the crop [0, 0, 25, 50] cuts the object
+
+
+def test_normalised_references_above_one_are_refused(tmp_path):
+    from vpt_plugin.dataset import VPTDataError
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    row = {"messages": [{"role": "user", "content": "<image>Where?"}, {"role": "assistant", "content": BOX_TOKEN}],
+           "images": ["a.png"], "boxes": [[0, 0, 50, 50]]}
+    (tmp_path / "rows.json").write_text(json.dumps([row]))
+    with pytest.raises(VPTDataError, match="row 0: boxes: .* are not normalised"):
+        read_items(tmp_path / "rows.json", tmp_path, None)
+
+
+def test_training_rows_need_a_box_token_for_every_box():
+    from types import SimpleNamespace
+
+    import llamafactory.data.mm_plugin  # noqa: F401  (LLaMA-Factory first: importing it activates the plugin)
+
+    from vpt_plugin.dataset import VPTDataError
+    from vpt_plugin.llamafactory.mm_plugin import VPTPluginMixin
+
+    config = SimpleNamespace(box_heads=True, box_token_id=7)
+    entries = [box_entry([0, 0, 0.5, 0.5]), box_entry([0.5, 0.5, 1, 1])]
+    ids = [[1, 7, 2]]  # one box token left: a truncation cut the other
+    _, _, boxes = VPTPluginMixin._split_boxes(entries, [2], ids, config, generating=True)
+    assert boxes.tolist() == [[0, 0, 0.5, 0.5]]  # a prompt holds the question's box tokens only
+    with pytest.raises(VPTDataError, match="1 <\\|perception_box\\|> tokens but 2 boxes; if `cutoff_len`"):
+        VPTPluginMixin._split_boxes(entries, [2], ids, config, generating=False)

@@ -167,3 +167,27 @@ def test_vpt_init_box_heads_without_branches(tmp_path):
     tokenizer = AutoProcessor.from_pretrained(tmp_path / "rec").tokenizer
     assert model.config.vision_encoder_ls == [] and model.config.box_token_id == tokenizer.convert_tokens_to_ids(BOX)
     assert model.box_heads.decode(torch.randn(1, model.config.text_config.hidden_size)).tolist() == [[0.5] * 4]
+
+
+def test_a_box_written_before_a_branch_action_is_dropped_with_its_turn(box_model, box_processor):
+    """A branch's turn is replayed as its action sequence: a box the turn wrote goes with it."""
+    model, processor = box_model, box_processor
+    images = [shape_image((3, 3), "red")]
+    prompts = [encode_conversation(processor, model.config, [{"role": "user", "content": "<image>Row 0. Which colour?"}],
+                                   images, add_generation_prompt=True)]
+    batch = collate_prompts(prompts, processor.tokenizer.pad_token_id)
+    batch.update(prompts=[p["input_ids"] for p in prompts], image_token_id=model.config.image_token_id)
+    script = ScriptedTurns(processor.tokenizer)
+    script.add(batch["prompts"][0], {0: BOX + "<|clip_action_start|>"})
+    answers, traces = generate(model, processor, batch, script, images)
+    ref_answer, ref_trace = reference(model, processor, batch, script, images, 0)
+    assert answers[0] == ref_answer and traces[0] == ref_trace.to_dict()
+    assert traces[0]["rounds"][0]["kind"] == "clip"
+
+
+def test_reading_a_turn_without_its_decoded_boxes_does_not_raise(box_model, box_processor):
+    from vpt_plugin.perception import PerceptionVocabulary, read_perception
+
+    vocab = PerceptionVocabulary.from_model(box_model.config, box_processor.tokenizer)
+    ids = box_processor.tokenizer.encode(RS + BOX + RE, add_special_tokens=False)
+    assert read_perception(ids, vocab, ["clip"], True).kind is None

@@ -80,3 +80,12 @@ def test_fusion_weights_save_and_load(vpt_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(torch.cat(loaded.model.get_image_features(pixels, grid).pooler_output),
                            torch.cat(model.model.get_image_features(pixels, grid).pooler_output))
+
+
+def test_the_last_block_stays_in_the_graph(vpt_dir):
+    """Its output is not fused, but DDP expects a gradient for every trainable parameter: it gets zeros."""
+    fused = AutoModelForImageTextToText.from_pretrained(vpt_dir("qwen2_vl"), vit_layer_fusion=True)
+    pixels, grid = image_inputs(AutoProcessor.from_pretrained(vpt_dir("qwen2_vl")))
+    torch.cat(fused.model.get_image_features(pixels, grid).pooler_output).sum().backward()
+    last = list(fused.model.visual.blocks[-1].parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in last)

@@ -164,7 +164,9 @@ def box_comparison_table(table: dict) -> str:
         else:
             right = (f"{100 * scores['region_box_hits'] / scores['region_box_items']:.0f}% (IoU > 0.5; mean IoU "
                      f"{scores['region_box_iou_mean']:.2f})")
-        holds = 100 * scores["region_object_hits"] / scores["region_object_items"]
+        hits, items = (scores["region_object_hits"], scores["region_object_items"]) if mode == "grid tokens" else \
+            (scores["region_box_object_hits"], scores["region_box_object_items"])
+        holds = 100 * hits / items
         lines.append(f"| {mode} | {dataset} | {100 * scores['metric_mean']:.1f} | {100 * suppressed['metric_mean']:.1f} | "
                      f"{right} | {holds:.0f}% |")
     grounding = table["box_region"]["detail_grounding_test"]

@@ -183,6 +183,12 @@ def perception_turn(perception: Perception, body: list[int], image, inputs: Perc
     return PerceptionTurn(next_turn_ids(tokenizer, text, content), crops, round_trace)
 
 
+def replayed_boxes(boxes: list, written: int, replayed: int) -> list:
+    """The boxes once a turn that wrote ``written`` box tokens is replayed holding ``replayed`` of them:
+    a region's turn is replayed as written (all kept), a branch's as its action sequence (none kept)."""
+    return boxes if replayed == written else boxes[: len(boxes) - written]
+
+
 # ---------------------------------------------------------------------------- rows
 
 
@@ -283,6 +289,8 @@ class VPTGenerator:
         if next_image != len(grids):
             raise VPTInputError(f"{len(grids)} images given but the prompts hold {next_image}")
         given = list(boxes.to(self.device, torch.float32)) if boxes is not None else []
+        if given and self.vocab.box is None:
+            raise VPTInputError(f"{len(given)} boxes given, but this model has no box heads (config.box_heads is off)")
         wanted = [row.tokens.count(self.vocab.box) if self.vocab.box is not None else 0 for row in rows]
         if sum(wanted) != len(given):
             raise VPTInputError(f"the prompts hold {sum(wanted)} <|perception_box|> tokens (per row {wanted}) "
@@ -611,6 +619,8 @@ class VPTGenerator:
     def _append_perception_turn(self, row: Row, perception: Perception, body: list[int]) -> None:
         turn = perception_turn(perception, body, row.source, self.inputs, self.config)
         tokens = row.tokens[: row.segment_start] + turn.ids
+        if self.vocab.box is not None:
+            row.boxes = replayed_boxes(row.boxes, body.count(self.vocab.box), turn.ids.count(self.vocab.box))
         if self.vocab.box is not None and tokens.count(self.vocab.box) != len(row.boxes):
             # The replayed turn keeps each box token (an added, not a special, token), so each keeps its box.
             raise RuntimeError(f"the perception turn holds {tokens.count(self.vocab.box)} <|perception_box|> tokens "
@@ -674,6 +684,8 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
             trace.answer_boxes = [[round(v, 4) for v in box] for box in turn_boxes]
             return turn, trace
         turn = perception_turn(perception, body, image, perception_inputs, config)
+        if vocab.box is not None:
+            boxes = replayed_boxes(boxes, body.count(vocab.box), turn.ids.count(vocab.box))
         if turn.crops is not None:
             crops = turn.crops if crops[0] is None else tuple(torch.cat(pair) for pair in zip(crops, turn.crops))
         else:

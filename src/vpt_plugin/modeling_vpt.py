@@ -265,8 +265,9 @@ class VPTModelMixin:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-            if "box_l1" in box_outputs:
+            if config.box_heads:
                 box_outputs["lm_loss"] = loss
+            if "box_l1" in box_outputs:
                 loss = loss + config.box_loss_weight * (box_outputs["box_l1"] + box_outputs["box_giou"])
 
         return VPTCausalLMOutputWithPast(
@@ -562,7 +563,7 @@ class VPTModelMixin:
         A box token the labels train (the model writes it) is a target; one in the prompt is input only.
         """
         if box_mask is None:
-            return {}
+            return {}  # (lm_loss is set by the caller for every batch of a model with heads)
         decodable = box_mask.clone()
         decodable[:, 0] = False  # its state is in an earlier call (cache-continued decoding)
         rows, cols = decodable.nonzero(as_tuple=True)

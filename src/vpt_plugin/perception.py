@@ -108,8 +108,8 @@ def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches:
     (``num_inner_forward_run == 2``); ``decoded_boxes``: the box decoded for each
     ``<|perception_box|>`` of the turn, in order.
     """
-    decoded = iter(decoded_boxes or [])
-    box_of = {i: next(decoded) for i, t in enumerate(token_ids) if vocab.box is not None and t == vocab.box}
+    box_positions = [i for i, t in enumerate(token_ids) if vocab.box is not None and t == vocab.box]
+    box_of = dict(zip(box_positions, decoded_boxes or []))
     boxes, continuous, problems = [], [], []
     position, number = 0, 0
     while position < len(token_ids):
@@ -122,7 +122,7 @@ def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches:
             problems.append(f"region {number} starts but never ends")
             break
         inside = token_ids[position + 1 : end]
-        if vocab.box is not None and inside == [vocab.box]:
+        if vocab.box is not None and inside == [vocab.box] and position + 1 in box_of:
             continuous.append(box_of[position + 1])
             number += 1
             position = end + 1

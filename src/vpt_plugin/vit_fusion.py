@@ -46,8 +46,13 @@ class ViTLayerFusion(nn.Module):
     def _fused_merger_input(self, module, args):
         layers = self._layer_inputs
         self._layer_inputs = []
+        return (self(layers, args[0]), *args[1:])
+
+    def forward(self, layers: list[torch.Tensor], last_output: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the layer inputs. A module forward, so DeepSpeed ZeRO-3 gathers the weights
+        here; the last layer's output enters with weight 0, so the last block stays in the graph (DDP
+        expects a gradient for every trainable parameter) and changes nothing."""
         if len(layers) != self.weights.numel():
             raise RuntimeError(f"ViT fusion saw {len(layers)} layer inputs for {self.weights.numel()} layers")
         weights = torch.softmax(self.weights.float(), dim=0).to(layers[0].dtype)
-        fused = torch.einsum("l,l...->...", weights, torch.stack(layers))
-        return (fused, *args[1:])
+        return torch.einsum("l,l...->...", weights, torch.stack(layers)) + 0.0 * last_output

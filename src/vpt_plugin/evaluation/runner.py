@@ -123,6 +123,9 @@ def read_items(path: Path, dataset_dir: Path, limit: int | None, box_units: str 
 
 def _reference_boxes(row, messages, image, box_units, where) -> dict:
     boxes = [list(map(float, box)) for box in row[BOXES]]
+    if box_units == "normalized" and any(v > 1 for box in boxes for v in box):
+        raise VPTDataError(f"{where}: {BOXES}: {boxes} are not normalised; give the dataset by its dataset_info.json "
+                           "name, whose entry says \"box_units\": \"pixels\"")
     if box_units == "pixels":
         if image is None:
             raise VPTDataError(f"{where}: {BOXES}: pixel boxes need the row's image")
@@ -280,18 +283,20 @@ def continuous_region_scores(predictions: list[dict]) -> dict:
     with_region = [p for p in predictions if p.get("reference_region_box")]
     if not with_region:
         return {}
-    ious, object_hits = [], 0
+    ious, object_hits, with_box = [], 0, 0
     for p in with_region:
         chosen = next((r for r in p["trace"]["rounds"] if r.get("boxes")), None)
         ious.append(_iou(chosen["boxes"][0], p["reference_region_box"]) if chosen else 0.0)
-        if chosen and p.get("box"):
-            left, top, right, bottom = chosen["pixel_boxes"][0]
-            x0, y0, x1, y1 = p["box"]
-            object_hits += left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
+        if p.get("box"):
+            with_box += 1
+            if chosen:
+                left, top, right, bottom = chosen["pixel_boxes"][0]
+                x0, y0, x1, y1 = p["box"]
+                object_hits += left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
     found = {"region_box_items": len(with_region), "region_box_iou_mean": sum(ious) / len(ious),
              "region_box_hits": sum(iou > 0.5 for iou in ious)}
-    if any(p.get("box") for p in with_region):
-        found.update(region_object_items=len(with_region), region_object_hits=object_hits)
+    if with_box:
+        found.update(region_box_object_items=with_box, region_box_object_hits=object_hits)
     return found
 
 
@@ -362,8 +367,16 @@ def looks_table(table: dict) -> str:
         for dataset, scores in per_dataset.items():
             lines.append(f"| {label} | {dataset} | {percent(scores['perceived'], scores['items'])} | "
                          f"{percent(scores.get('region_cell_hits', 0), scores.get('region_items', 0))} | "
-                         f"{percent(scores.get('region_object_hits', 0), scores.get('region_object_items', 0))} |")
+                         f"{percent(*_object_hits(scores))} |")
     return "\n".join(lines) + "\n" + boxes_table(table)
+
+
+def _object_hits(scores: dict) -> tuple[int, int]:
+    """How often a region's crop held the whole object, and of how many rows: grid or continuous regions."""
+    for prefix in ("region_object", "region_box_object"):
+        if f"{prefix}_items" in scores:
+            return scores[f"{prefix}_hits"], scores[f"{prefix}_items"]
+    return 0, 0
 
 
 def boxes_table(table: dict) -> str:

@@ -109,7 +109,8 @@ class VPTPluginMixin:
 
     def get_mm_inputs(self, images, videos, audios, imglens, vidlens, audlens, batch_ids, processor):
         config = vpt_config_of(processor)
-        images, imglens, boxes = self._split_boxes(images, imglens, batch_ids, config)
+        generating = getattr(processor, "vpt_generation", False)
+        images, imglens, boxes = self._split_boxes(images, imglens, batch_ids, config, generating)
         self._validate_input(processor, images, videos, audios)
         kinds = self._image_kinds(batch_ids, processor, config)
         if len(kinds) != len(images):
@@ -126,11 +127,12 @@ class VPTPluginMixin:
         return mm_inputs
 
     @staticmethod
-    def _split_boxes(images, imglens, batch_ids, config):
+    def _split_boxes(images, imglens, batch_ids, config, generating: bool):
         """Each row's media list without its box entries, and the boxes of the box tokens in ``batch_ids``.
 
         A row's first boxes go to its box tokens in order; when generating, the prompt holds only
-        the question's box tokens and the answer's boxes are left out.
+        the question's box tokens and the answer's boxes are left out. Otherwise every box must have
+        its token: a truncation that cut one would shift the others onto the wrong tokens.
         """
         kept, kept_lens, boxes, start = [], [], [], 0
         box_token_id = config.box_token_id if config.box_heads else None
@@ -143,8 +145,11 @@ class VPTPluginMixin:
                 raise VPTDataError("the data has boxes (a `boxes` column) but the model has no box heads; "
                                    "set the recipe key `box_heads: true`")
             tokens = int(np.sum(np.asarray(ids) == box_token_id)) if box_token_id is not None else 0
-            if tokens > len(row_boxes):
-                raise VPTDataError(f"a row holds {tokens} <|perception_box|> tokens but {len(row_boxes)} boxes")
+            if tokens > len(row_boxes) or (tokens < len(row_boxes) and not generating):
+                raise VPTDataError(
+                    f"a row holds {tokens} <|perception_box|> tokens but {len(row_boxes)} boxes; if `cutoff_len` "
+                    "truncated it, raise cutoff_len"
+                )
             kept += media
             kept_lens.append(len(media))
             boxes += row_boxes[:tokens]
