@@ -264,16 +264,21 @@ def region_scores(predictions: list[dict]) -> dict:
         chosen = next((r for r in p["trace"]["rounds"] if r.get("grid_boxes")), None)
         chosen_box = chosen["grid_boxes"][0] if chosen else None
         cell_hits += chosen_box == p["reference_region"]
-        if p.get("box"):
-            with_box += 1
-            if chosen:
-                left, top, right, bottom = chosen["pixel_boxes"][0]
-                x0, y0, x1, y1 = p["box"]
-                object_hits += left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
+        with_box += bool(p.get("box"))
+        object_hits += _crop_holds_object(chosen, p)
     scores = {"region_items": len(with_region), "region_cell_hits": cell_hits}
     if with_box:
         scores.update(region_object_items=with_box, region_object_hits=object_hits)
     return scores
+
+
+def _crop_holds_object(chosen_round: dict | None, prediction: dict) -> bool:
+    """Whether the first crop of a region round holds the row's whole object ``box`` (pixels)."""
+    if chosen_round is None or not prediction.get("box"):
+        return False
+    left, top, right, bottom = chosen_round["pixel_boxes"][0]
+    x0, y0, x1, y1 = prediction["box"]
+    return left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
 
 
 def continuous_region_scores(predictions: list[dict]) -> dict:
@@ -287,12 +292,8 @@ def continuous_region_scores(predictions: list[dict]) -> dict:
     for p in with_region:
         chosen = next((r for r in p["trace"]["rounds"] if r.get("boxes")), None)
         ious.append(_iou(chosen["boxes"][0], p["reference_region_box"]) if chosen else 0.0)
-        if p.get("box"):
-            with_box += 1
-            if chosen:
-                left, top, right, bottom = chosen["pixel_boxes"][0]
-                x0, y0, x1, y1 = p["box"]
-                object_hits += left <= x0 and top <= y0 and x1 <= right and y1 <= bottom
+        with_box += bool(p.get("box"))
+        object_hits += _crop_holds_object(chosen, p)
     found = {"region_box_items": len(with_region), "region_box_iou_mean": sum(ious) / len(ious),
              "region_box_hits": sum(iou > 0.5 for iou in ious)}
     if with_box:
