@@ -6,12 +6,17 @@ the box encoder makes the token's input embedding from a box, wherever one is gi
 teacher-forced answer) or was decoded (generation). Boxes are normalised ``(x0, y0, x1, y1)`` in
 ``[0, 1]`` of the image.
 
-Losses: ``w_box * (L1 + GIoU)`` between decoded and target boxes, in sequence order, no matching.
+Losses: ``w_box * (L1 + GIoU)`` between decoded and target boxes, in sequence order, no matching;
+with the mask decoder, ``w_mask * (BCE + Dice)`` where the data gives the box's mask.
 """
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
+from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
+from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -78,3 +83,81 @@ def box_crop_pixels(box, width: int, height: int, margin: float = 0.0) -> tuple[
     right = max(min(int(round((x1 + pad_x) * width)), width), left + 1)
     bottom = max(min(int(round((y1 + pad_y) * height)), height), top + 1)
     return left, top, right, bottom
+
+
+class MaskDecoder(nn.Module):
+    """PerceptionGPT's mask decoder: the state that decoded a box prompts a SAM-style decoder
+    (transformers' ``SamMaskDecoder``: a depth-2 two-way transformer, conv upsampling x4 and a
+    hypernetwork dot product) over the base ViT's features of the row's first image.
+
+    Features are the image's tokens in the LLM hidden size on the ViT's merged grid; the masks come
+    out at four times that grid, covering the whole image.
+    """
+
+    def __init__(self, hidden_size: int, size: int = 256):
+        super().__init__()
+        heads = 8 if size % 8 == 0 else 1
+        config = SamMaskDecoderConfig(hidden_size=size, mlp_dim=8 * size, num_hidden_layers=2,
+                                      num_attention_heads=heads, iou_head_hidden_dim=size)
+        config._attn_implementation = "sdpa"
+        self.prompt_proj = nn.Linear(hidden_size, size)
+        self.feature_proj = nn.Sequential(nn.Linear(hidden_size, size), nn.LayerNorm(size))
+        # SAM's random Fourier positions of the feature grid (scale 1, as SAM's prompt encoder).
+        self.positions = SamPositionalEmbedding(SimpleNamespace(scale=1.0, num_pos_feats=size // 2))
+        self.decoder = SamMaskDecoder(config)
+
+    def reset_parameters(self) -> None:
+        """Fresh weights: PyTorch's defaults for every layer, SAM's ``randn`` for the positions."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        # torch.nn.init, which transformers guards so that loaded weights are not re-drawn.
+        nn.init.normal_(self.positions.positional_embedding)
+
+    def forward(self, states: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """States ``(n, hidden)`` and each one's image features ``(height, width, hidden)`` -> mask
+        logits ``(4 * height, 4 * width)`` per state."""
+        masks = []
+        for state, grid in zip(states, features):
+            height, width = grid.shape[:2]
+            image = self.feature_proj(grid.to(state.dtype)).permute(2, 0, 1)[None]
+            ys = (torch.arange(height, device=grid.device, dtype=torch.float32) + 0.5) / height
+            xs = (torch.arange(width, device=grid.device, dtype=torch.float32) + 0.5) / width
+            centres = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None, None]
+            positions = self.positions(centres)[0, 0].permute(2, 0, 1)[None].to(image.dtype)
+            prompt = self.prompt_proj(state)[None, None, None]
+            logits, _ = self.decoder(image, positions, prompt, torch.zeros_like(image), multimask_output=False)
+            masks.append(logits[0, 0, 0])
+        return masks
+
+
+def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean per-pixel BCE-with-logits and mean Dice loss of masks against targets (bool, their
+    own sizes; the logits are resized to each target bilinearly)."""
+    bce, dice = [], []
+    for mask_logits, target in zip(logits, targets):
+        resized = nn.functional.interpolate(mask_logits[None, None].float(), size=tuple(target.shape),
+                                            mode="bilinear", align_corners=False)[0, 0]
+        target = target.to(resized)
+        bce.append(nn.functional.binary_cross_entropy_with_logits(resized, target))
+        probabilities = resized.sigmoid()
+        dice.append(1 - (2 * (probabilities * target).sum() + 1) / (probabilities.sum() + target.sum() + 1))
+    return {"mask_bce": torch.stack(bce).mean(), "mask_dice": torch.stack(dice).mean()}
+
+
+def mask_to_runs(mask: torch.Tensor) -> dict:
+    """A bool mask ``(height, width)`` as run lengths (row-major, alternating off and on, off
+    first), compact enough for JSON traces."""
+    flat = mask.flatten().to(torch.int8)
+    changes = (flat[1:] != flat[:-1]).nonzero().flatten() + 1
+    edges = [0, *changes.tolist(), flat.numel()]
+    runs = [b - a for a, b in zip(edges, edges[1:])]
+    if flat.numel() and flat[0]:
+        runs = [0, *runs]
+    return {"size": list(mask.shape), "counts": runs}
+
+
+def runs_to_mask(runs: dict) -> torch.Tensor:
+    """The bool mask of :func:`mask_to_runs`."""
+    values = torch.arange(len(runs["counts"])) % 2 == 1
+    return values.repeat_interleave(torch.tensor(runs["counts"])).view(*runs["size"])

@@ -63,6 +63,8 @@ def init_vpt_checkpoint(
     para_mask_id: int = 1,
     para_mask_ratio: float = 0.5,
     box_heads: bool = False,
+    mask_decoder: bool = False,
+    mask_decoder_size: int = 256,
     seed: int = 0,
 ) -> Path:
     """Build and save a VPT checkpoint.
@@ -75,6 +77,7 @@ def init_vpt_checkpoint(
             official ``sam_vit_*.pth``). A branch with an encoder but no weights starts random.
         encoder_configs: branch name -> encoder config, for random encoders or ``.pth`` files.
         box_heads: give the model PerceptionGPT's box token and heads (fresh).
+        mask_decoder: and its mask decoder (fresh), ``mask_decoder_size`` wide.
     """
     encoder_weights = encoder_weights or {}
     encoder_configs = dict(encoder_configs or {})
@@ -112,6 +115,8 @@ def init_vpt_checkpoint(
         para_mask_id=para_mask_id,
         para_mask_ratio=para_mask_ratio,
         box_heads=box_heads,
+        mask_decoder=mask_decoder,
+        mask_decoder_size=mask_decoder_size,
         **vpt_token_ids(tokenizer, branch_names),
     )
     # The base has no branch modules, so transformers would list each of their keys as missing;
@@ -122,7 +127,7 @@ def init_vpt_checkpoint(
         model, loading = description.model_class.from_pretrained(base, config=config, output_loading_info=True)
     finally:
         transformers_logging.set_verbosity(verbosity)
-    branch_prefixes = tuple(f"{attribute}." for attribute in branch_attributes(branch_names) + ["box_heads"])
+    branch_prefixes = tuple(f"{attribute}." for attribute in branch_attributes(branch_names) + ["box_heads", "mask_decoder"])
     unmatched = [key for key in loading["missing_keys"] if not key.startswith(branch_prefixes)]
     if unmatched or loading["unexpected_keys"] or loading["mismatched_keys"]:
         raise ValueError(

@@ -31,6 +31,8 @@ def _init(args) -> None:
         para_mask_id=args.para_mask_id,
         para_mask_ratio=args.para_mask_ratio,
         box_heads=args.box_heads,
+        mask_decoder=args.mask_decoder,
+        mask_decoder_size=args.mask_decoder_size,
         seed=args.seed,
     )
     if args.tiny:
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--para-mask-ratio", type=float, default=0.5)
     init.add_argument("--box-heads", action="store_true",
                       help="add PerceptionGPT's <|perception_box|> token and its box heads (fresh)")
+    init.add_argument("--mask-decoder", action="store_true",
+                      help="with --box-heads: add PerceptionGPT's mask decoder (fresh)")
+    init.add_argument("--mask-decoder-size", type=int, default=256, help="the mask decoder's width (default 256)")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=_init)
 

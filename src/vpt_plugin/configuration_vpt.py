@@ -44,6 +44,11 @@ class VPTConfigMixin:
         box_loss_weight: ``w_box`` of the loss ``lm + w_box * (L1 + GIoU)``.
         box_crop_margin: continuous Region Selection crops the decoded box widened by this fraction
             of its width and height on each side (0: the box itself).
+        mask_decoder: PerceptionGPT's mask decoder (``box_heads.MaskDecoder``, needs ``box_heads``): the
+            state that decodes a box also prompts a mask over the row's first image, trained where
+            the data gives masks. Off by default.
+        mask_decoder_size: the mask decoder's width (256, as SAM's).
+        mask_loss_weight: ``w_mask`` of the loss term ``w_mask * (BCE + Dice)``.
         vit_layer_fusion: PerceptionGPT's adaptive multi-layer fusion of the base ViT's layers
             (``vit_fusion.py``): learnable softmax-normalised weights over every layer's input replace the
             last layer's output. Off by default.
@@ -67,6 +72,9 @@ class VPTConfigMixin:
     box_head_size: int = 512
     box_loss_weight: float = 1.0
     box_crop_margin: float = 0.0
+    mask_decoder: bool = False
+    mask_decoder_size: int = 256
+    mask_loss_weight: float = 1.0
     vit_layer_fusion: bool = False
     reference_compat: bool = False
 
@@ -100,6 +108,8 @@ class VPTConfigMixin:
             raise VPTInputError("para masking needs para_start_id and para_end_id (<|im_start|>, <|im_end|>)")
         if self.box_heads and self.box_token_id is None:
             raise VPTInputError("box_heads needs box_token_id: the tokenizer must contain <|perception_box|>")
+        if self.mask_decoder and not self.box_heads:
+            raise VPTInputError("mask_decoder needs box_heads: a mask is prompted by the state that decodes a box")
         if self.box_crop_margin < 0:
             raise VPTInputError(f"box_crop_margin must be 0 or more, got {self.box_crop_margin}")
         for name in self.vision_encoder_ls:

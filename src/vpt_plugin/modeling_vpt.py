@@ -33,7 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
-from .box_heads import BoxHeads, box_losses
+from .box_heads import BoxHeads, MaskDecoder, box_losses, mask_losses
 from .branches import BRANCHES, ControlProjector, VPTInputError, get_branch
 from .vision_features import DecoderLayerFeatures, VisionFeatures
 from .vit_fusion import ViTLayerFusion
@@ -57,6 +57,11 @@ class VPTCausalLMOutputWithPast(ModelOutput):
     lm_loss: torch.FloatTensor | None = None
     box_l1: torch.FloatTensor | None = None
     box_giou: torch.FloatTensor | None = None
+    # With the mask decoder: mask logits over the row's first image for each decoded box (None
+    # for a row without an image), and where the data gives masks, the mask loss's parts.
+    pred_masks: list | None = None
+    mask_bce: torch.FloatTensor | None = None
+    mask_dice: torch.FloatTensor | None = None
 
 
 class VPTModelMixin:
@@ -76,13 +81,15 @@ class VPTModelMixin:
             self.add_module(branch.projector_attribute, branch.build_projector(config))
         if config.box_heads:
             self.box_heads = BoxHeads(config.text_config.hidden_size, config.box_head_size)
+        if config.mask_decoder:
+            self.mask_decoder = MaskDecoder(config.text_config.hidden_size, config.mask_decoder_size)
         if config.vit_layer_fusion:
             self.vit_fusion = ViTLayerFusion(len(self.model.visual.blocks))
             self.vit_fusion.attach(self.model.visual)
         self.post_init()
 
     def _init_weights(self, module):
-        if isinstance(module, (ControlProjector, BoxHeads, ViTLayerFusion)):
+        if isinstance(module, (ControlProjector, BoxHeads, MaskDecoder, ViTLayerFusion)):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -154,6 +161,7 @@ class VPTModelMixin:
             raise VPTInputError("the VPT forward pass needs input_ids to find its tokens")
         branch_inputs = self._pop_branch_inputs(kwargs)
         boxes = kwargs.pop("boxes", None)
+        masks = kwargs.pop("masks", None)
         # Inputs for generation (each row's original image), which LLaMA-Factory's inference-time
         # plugin also hands to loss-only evaluation.
         kwargs.pop("vpt_images", None)
@@ -174,7 +182,7 @@ class VPTModelMixin:
         with encoders_context:
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds, layer_sources = self._place_base_visuals(
+            inputs_embeds, layer_sources, image_features = self._place_base_visuals(
                 input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
             features = {name: get_branch(name).encode(self, inputs) for name, inputs in branch_inputs.items()}
@@ -256,6 +264,11 @@ class VPTModelMixin:
         if self.training and torch.is_grad_enabled():
             logits = logits + self._parameters_anchor(logits)
         box_outputs = self._box_outputs(input_ids, hidden_states, boxes, box_mask, labels)
+        if config.mask_decoder and box_mask is not None:
+            box_outputs.update(self._mask_outputs(input_ids, hidden_states, box_mask, masks, labels,
+                                                  image_features, image_grid_thw))
+        elif masks is not None and any(mask is not None for mask in masks):
+            raise VPTInputError("masks given but the model has no mask decoder; set the recipe key `mask_decoder: true`")
 
         loss = None
         if labels is not None:
@@ -269,6 +282,8 @@ class VPTModelMixin:
                 box_outputs["lm_loss"] = loss
             if "box_l1" in box_outputs:
                 loss = loss + config.box_loss_weight * (box_outputs["box_l1"] + box_outputs["box_giou"])
+            if "mask_bce" in box_outputs:
+                loss = loss + config.mask_loss_weight * (box_outputs["mask_bce"] + box_outputs["mask_dice"])
 
         return VPTCausalLMOutputWithPast(
             **box_outputs,
@@ -376,6 +391,10 @@ class VPTModelMixin:
         if heads is not None and any(p.requires_grad for p in heads.parameters()):
             probe = heads.encode(like.new_zeros(1, 4))
             anchor = anchor + 0.0 * (probe.sum() + heads.decode(probe).sum())
+        mask_decoder = getattr(self, "mask_decoder", None)
+        if mask_decoder is not None and any(p.requires_grad for p in mask_decoder.parameters()):
+            state = like.new_zeros(1, hidden)
+            anchor = anchor + 0.0 * mask_decoder(state, [like.new_zeros(1, 1, hidden)])[0].sum()
         for name in self.config.vision_encoder_ls:
             projector = self.branch_projector(name)
             if not any(p.requires_grad for p in projector.parameters()):
@@ -520,12 +539,14 @@ class VPTModelMixin:
     def _place_base_visuals(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, videos, video_grid_thw):
         """The base model's own images and videos on their pad tokens, as the base places them.
 
-        Returns the embeddings and ``(positions, per-layer features)`` of the images and videos,
-        for bases that add ViT layers to the decoder (the per-layer features are None otherwise).
+        Returns the embeddings, ``(positions, per-layer features)`` of the images and videos,
+        for bases that add ViT layers to the decoder (the per-layer features are None otherwise),
+        and each image's features (None without images).
         """
-        layer_sources = []
+        layer_sources, image_features = [], None
         if pixel_values is not None:
             features = self.encode_base_images(pixel_values, image_grid_thw)
+            image_features = features.per_image
             image_embeds = torch.cat(features.per_image).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features=image_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
@@ -536,7 +557,7 @@ class VPTModelMixin:
             _, video_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, video_features=video_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_embeds)
             layer_sources.append((video_mask[..., 0], features.layers))
-        return inputs_embeds, layer_sources
+        return inputs_embeds, layer_sources, image_features
 
     def _box_mask(self, input_ids, boxes) -> torch.Tensor | None:
         """Mask of the ``<|perception_box|>`` tokens, each of which needs its box in ``boxes`` (row-major order)."""
@@ -574,6 +595,51 @@ class VPTModelMixin:
                 targets = boxes[decodable[box_mask]].to(outputs["pred_boxes"])
                 outputs.update(box_losses(outputs["pred_boxes"][written], targets[written]))
         return outputs
+
+    def _mask_outputs(self, input_ids, hidden_states, box_mask, masks, labels, image_features, image_grid_thw) -> dict:
+        """Mask logits for each decoded box over its row's first image, and with labels and
+        ``masks`` (one bool mask or None per box token, row-major) the mask loss's parts."""
+        decodable = box_mask.clone()
+        decodable[:, 0] = False
+        rows, cols = decodable.nonzero(as_tuple=True)
+        grids = self.first_image_grids(input_ids, image_features, image_grid_thw)
+        with_image = [k for k, row in enumerate(rows.tolist()) if grids[row] is not None]
+        logits = self.mask_decoder(hidden_states[rows[with_image], cols[with_image] - 1],
+                                   [grids[int(rows[k])] for k in with_image])
+        pred_masks = [None] * len(rows)
+        for k, mask_logits in zip(with_image, logits):
+            pred_masks[k] = mask_logits
+        outputs = {"pred_masks": pred_masks}
+        if labels is None or masks is None:
+            return outputs
+        if len(masks) != int(box_mask.sum()):
+            raise VPTInputError(f"{len(masks)} masks given for {int(box_mask.sum())} <|perception_box|> tokens: "
+                                "one (or None) per token, in order")
+        token_masks = [mask for mask, keep in zip(masks, decodable[box_mask].tolist()) if keep]
+        trained = [k for k in with_image
+                   if token_masks[k] is not None and labels[rows[k], cols[k]] != IGNORE_INDEX]
+        if trained:
+            outputs.update(mask_losses([pred_masks[k] for k in trained], [token_masks[k] for k in trained]))
+        return outputs
+
+    def first_image_grids(self, input_ids, image_features, image_grid_thw) -> list:
+        """Each row's first image's features as ``(height, width, hidden)`` on the ViT's merged grid,
+        or None for a row without an image (images are in row-major order of their pad tokens)."""
+        if image_features is None:
+            return [None] * input_ids.shape[0]
+        merge = self.model.visual.spatial_merge_size
+        per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        grids, image = [], 0
+        for count in per_row:
+            if count == 0:
+                grids.append(None)
+                continue
+            _, height, width = (int(v) for v in image_grid_thw[image])
+            grids.append(image_features[image].view(height // merge, width // merge, -1))
+            while count > 0:
+                count -= image_features[image].shape[0]
+                image += 1
+        return grids
 
     def _mm_token_type_ids(self, input_ids):
         """Text 0, image 1, video 2: what the processor returns, for callers that pass none."""

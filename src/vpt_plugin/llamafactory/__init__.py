@@ -51,7 +51,7 @@ def register_composite_models(visual_module) -> None:
     # The box heads map boxes to and from the LLM's hidden size, the ViT fusion weights make the visual
     # features: projectors too (no LoRA on them; `freeze_multi_modal_projector: false` or LoRA's
     # `additional_target` trains them).
-    projectors = [b.projector_attribute for b in BRANCHES.values()] + ["box_heads", "vit_fusion"]
+    projectors = [b.projector_attribute for b in BRANCHES.values()] + ["box_heads", "mask_decoder", "vit_fusion"]
     for base in BASES.values():
         upstream = visual_module.COMPOSITE_MODELS[base.model_type]
         for model_type in base.vpt_model_types:

@@ -75,6 +75,14 @@ class VPTArguments:
     box_crop_margin: float | None = field(
         default=None, metadata={"help": "Continuous regions crop the box widened by this fraction of its size; default 0."}
     )
+    mask_decoder: bool | None = field(
+        default=None,
+        metadata={"help": "PerceptionGPT's mask decoder, prompted by each decoded box's state (needs box_heads; starts fresh)."},
+    )
+    mask_decoder_size: int | None = field(default=None, metadata={"help": "Width of a new mask decoder; default 256."})
+    mask_loss_weight: float | None = field(
+        default=None, metadata={"help": "w_mask in + w_mask * (BCE + Dice), on rows with masks; default 1."}
+    )
     vit_layer_fusion: bool | None = field(
         default=None,
         metadata={"help": "PerceptionGPT's adaptive multi-layer fusion of the base ViT's layers (new weights start equal)."},
@@ -101,7 +109,7 @@ class VPTArguments:
     processor: object = field(default=None, init=False, repr=False)  # kept for generation (model_loading)
 
     def __post_init__(self):
-        for name in ("box_loss_weight", "box_crop_margin"):  # `key=4` on the command line arrives as an int
+        for name in ("box_loss_weight", "box_crop_margin", "mask_loss_weight"):  # `key=4` on the command line arrives as an int
             if isinstance(getattr(self, name), int):
                 setattr(self, name, float(getattr(self, name)))
         if self.customize_model_class not in (None, "None", VPT_MODEL_CLASS):
@@ -148,7 +156,8 @@ class VPTArguments:
     def config_overrides(self) -> dict[str, Any]:
         """The VPT config fields the recipe sets."""
         names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
-                 "box_loss_weight", "box_crop_margin", "vit_layer_fusion")
+                 "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
+                 "vit_layer_fusion")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
