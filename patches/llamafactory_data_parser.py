@@ -1,7 +1,7 @@
 """Patch of ``llamafactory.data.parser``: dataset_info.json maps branch image and box columns.
 
 What changes: ``DatasetAttr.join`` also reads the branch image columns (``detection_images``,
-``seg_images``, ``clip_images``) and the ``boxes`` column from an entry's ``columns``, as it reads
+``seg_images``, ``clip_images``) and the ``boxes`` and ``masks`` columns from an entry's ``columns``, as it reads
 ``images``, and the entry's ``box_units`` (``normalized``, the default, or ``pixels``); it refuses
 them under a formatting other than ``vpt_sharegpt`` (which would drop them).
 

@@ -6,7 +6,7 @@ tokens, boxes in pixels, branch, and why tokens were not acted on), gathered acr
 in the order the predictions are; ``save_predictions`` adds it to each line of
 ``generated_predictions.jsonl`` as ``vpt_trace``. Other models' predictions are unchanged.
 In training, ``compute_loss`` keeps the parts of a VPT model's loss (``lm_loss``, ``box_l1``,
-``box_giou``: the model output's fields) and ``log`` adds their means over the logging interval
+``box_giou``, ``mask_bce``, ``mask_dice``: the model output's fields) and ``log`` adds their means over the logging interval
 (this process's micro-batches) beside ``loss``.
 
 Why no public hook serves: the Seq2SeqTrainer's generate call returns token ids only, and
@@ -26,7 +26,7 @@ CHECKED_AGAINST = {
     "CustomSeq2SeqTrainer.compute_loss": "c1102bcaea311b8c",
     "CustomSeq2SeqTrainer.log": "73b8e3acd21a7b73",  # transformers' Trainer.log (5.6.0)
 }
-LOSS_PARTS = ("lm_loss", "box_l1", "box_giou")
+LOSS_PARTS = ("lm_loss", "box_l1", "box_giou", "mask_bce", "mask_dice")
 
 
 def apply_sft_trainer_patch(trainer_module) -> None:

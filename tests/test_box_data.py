@@ -48,7 +48,7 @@ def test_pixel_boxes_need_a_readable_image(tmp_path):
 
 def test_box_entries_round_trip_exactly():
     box = [0.1, 1 / 3, 0.5, 0.75]
-    assert is_box_entry(box_entry(box)) and parse_box_entry(box_entry(box)) == box
+    assert is_box_entry(box_entry(box)) and parse_box_entry(box_entry(box)) == (box, None)
     assert not is_box_entry("detail/images/a.png")
 
 
@@ -120,10 +120,10 @@ def test_training_rows_need_a_box_token_for_every_box():
     from vpt_plugin.dataset import VPTDataError
     from vpt_plugin.llamafactory.mm_plugin import VPTPluginMixin
 
-    config = SimpleNamespace(box_heads=True, box_token_id=7)
+    config = SimpleNamespace(box_heads=True, box_token_id=7, mask_decoder=False)
     entries = [box_entry([0, 0, 0.5, 0.5]), box_entry([0.5, 0.5, 1, 1])]
     ids = [[1, 7, 2]]  # one box token left: a truncation cut the other
-    _, _, boxes = VPTPluginMixin._split_boxes(entries, [2], ids, config, generating=True)
+    _, _, boxes, _ = VPTPluginMixin._split_boxes(entries, [2], ids, config, generating=True)
     assert boxes.tolist() == [[0, 0, 0.5, 0.5]]  # a prompt holds the question's box tokens only
     with pytest.raises(VPTDataError, match="1 <\\|perception_box\\|> tokens but 2 boxes; if `cutoff_len`"):
         VPTPluginMixin._split_boxes(entries, [2], ids, config, generating=False)

@@ -145,6 +145,12 @@ def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> dict
     return {"mask_bce": torch.stack(bce).mean(), "mask_dice": torch.stack(dice).mean()}
 
 
+def mask_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The bool mask ``(height, width) = size`` of mask logits (resized bilinearly, logit > 0)."""
+    resized = nn.functional.interpolate(logits[None, None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0, 0] > 0
+
+
 def mask_to_runs(mask: torch.Tensor) -> dict:
     """A bool mask ``(height, width)`` as run lengths (row-major, alternating off and on, off
     first), compact enough for JSON traces."""

@@ -7,12 +7,16 @@ end in ``_x0,y0,x1,y1`` after its extension: the image is that pixel crop of the
 
 A ``boxes`` column gives one box ``[x0, y0, x1, y1]`` per ``<|perception_box|>`` in the messages,
 in order (PerceptionGPT's continuous token, box_heads.py), normalised to the row's first image or,
-when the dataset_info.json entry says ``"box_units": "pixels"``, in its pixels.
+when the dataset_info.json entry says ``"box_units": "pixels"``, in its pixels. A ``masks`` column
+gives each of those boxes its mask (an image path, or null for a box without one): a mask image of
+the row's first image's size, nonzero (or above 127 for 8-bit masks) inside.
 """
 
 import os
 import re
 
+import numpy as np
+import torch
 from PIL import Image
 
 from .branches import BRANCHES
@@ -20,6 +24,7 @@ from .vocabulary import BOX_TOKEN, GRID_SIZE, GRID_TOKEN_PATTERN, IMAGE_PLACEHOL
 
 MAIN_IMAGES = "images"  # column of the base model's own images
 BOXES = "boxes"  # column of the boxes of the <|perception_box|> tokens
+MASKS = "masks"  # column of the mask image of each box (or null)
 BOX_UNITS = ("normalized", "pixels")
 # LLaMA-Factory carries one media list per row to its collator; a row's boxes ride in it as these
 # strings, after its images, so no upstream data structure needs a new field.
@@ -172,14 +177,61 @@ def row_boxes(contents: list[str], boxes, images: list | None, units: str = "nor
     return problems, normalised
 
 
-def box_entry(box) -> str:
-    """A normalised box as an entry of LLaMA-Factory's per-row media list."""
-    return _BOX_ENTRY + ",".join(repr(float(v)) for v in box)
+def row_masks(masks, box_count: int, images: list | None) -> tuple[list[str], list]:
+    """Check a row's ``masks`` (one path or null per box); return ``(problems, masks)``.
+
+    Problems name the field: a count that does not match the boxes, an entry that is not a path,
+    an unreadable mask, a mask whose size is not the row's first image's.
+    """
+    if masks is None:
+        return [], [None] * box_count
+    masks = list(masks)
+    if len(masks) != box_count:
+        return [f"{MASKS}: {box_count} box(es) but {len(masks)} mask(s); give null for a box without a mask"], []
+    size = None
+    if images and isinstance(images[0], str):
+        try:
+            size = open_image(images[0]).size
+        except (VPTDataError, OSError):
+            pass  # the image's own check names it
+    problems = []
+    for i, path in enumerate(masks):
+        if path is None:
+            continue
+        if not isinstance(path, str):
+            problems.append(f"{MASKS}[{i}]: {path!r} is not a mask image path (or null)")
+            continue
+        try:
+            with Image.open(path) as mask:
+                mask_size = mask.size
+        except (OSError, ValueError) as error:
+            problems.append(f"{MASKS}[{i}]: cannot read mask {path}: {error}")
+            continue
+        if size is not None and mask_size != size:
+            problems.append(f"{MASKS}[{i}]: mask {path} is {mask_size[0]}x{mask_size[1]} but the row's image is "
+                            f"{size[0]}x{size[1]}")
+    return problems, masks
+
+
+def load_mask(path: str) -> torch.Tensor:
+    """A mask image as a bool tensor ``(height, width)``: nonzero inside, or above 127 for masks
+    drawn in 0..255."""
+    with Image.open(path) as image:
+        values = np.asarray(image.convert("L"))
+    return torch.from_numpy(values > (0 if values.max() <= 1 else 127))
+
+
+def box_entry(box, mask: str | None = None) -> str:
+    """A normalised box (and its mask's path) as an entry of LLaMA-Factory's per-row media list."""
+    entry = _BOX_ENTRY + ",".join(repr(float(v)) for v in box)
+    return entry if mask is None else f"{entry}|{mask}"
 
 
 def is_box_entry(entry) -> bool:
     return isinstance(entry, str) and entry.startswith(_BOX_ENTRY)
 
 
-def parse_box_entry(entry: str) -> list[float]:
-    return [float(v) for v in entry[len(_BOX_ENTRY):].split(",")]
+def parse_box_entry(entry: str) -> tuple[list[float], str | None]:
+    """The box and the mask path (or None) of :func:`box_entry`."""
+    box, _, mask = entry[len(_BOX_ENTRY):].partition("|")
+    return [float(v) for v in box.split(",")], mask or None

@@ -28,6 +28,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .box_heads import mask_from_logits, mask_to_runs
 from .branches import VPTInputError, get_branch
 from .perception import (
     REGION,
@@ -83,10 +84,16 @@ class GenerationTrace:
     problem: str | None = None
     truncated: bool = False
     answer_boxes: list = field(default_factory=list)  # the box decoded for each <|perception_box|> of the answer
+    # With a mask decoder: each answer box's mask over the image (box_heads.mask_to_runs).
+    answer_masks: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         found = {"rounds": self.rounds, "first_turn": self.first_turn, "problem": self.problem, "truncated": self.truncated}
-        return {**found, "answer_boxes": self.answer_boxes} if self.answer_boxes else found
+        if self.answer_boxes:
+            found["answer_boxes"] = self.answer_boxes
+        if self.answer_masks:
+            found["answer_masks"] = self.answer_masks
+        return found
 
 
 @dataclass
@@ -183,6 +190,12 @@ def perception_turn(perception: Perception, body: list[int], image, inputs: Perc
     return PerceptionTurn(next_turn_ids(tokenizer, text, content), crops, round_trace)
 
 
+def answer_mask_runs(mask_logits: list, image: Image.Image | None) -> list[dict]:
+    """Answer masks for a trace: each box's mask logits at the image's size, as run lengths."""
+    return [mask_to_runs(mask_from_logits(logits, (image.height, image.width) if image else tuple(logits.shape)))
+            for logits in mask_logits]
+
+
 def replayed_boxes(boxes: list, written: int, replayed: int) -> list:
     """The boxes once a turn that wrote ``written`` box tokens is replayed holding ``replayed`` of them:
     a region's turn is replayed as written (all kept), a branch's as its action sequence (none kept)."""
@@ -205,6 +218,7 @@ class Row:
     columns: list = field(default_factory=list)  # cache column of each cached token
     controls: dict = field(default_factory=dict)  # token index of an action start -> its hidden state
     boxes: list = field(default_factory=list)  # the box (normalised, a tensor) of each <|perception_box|> in tokens
+    box_states: list = field(default_factory=list)  # the state that decoded each box (None: given in the prompt)
     positions: torch.Tensor | None = None  # (3, len(tokens)) M-RoPE positions of the known tokens
     next_position: int = 0
     reuse: int = 0  # tokens[:reuse] keep their cached keys and values in the next phase
@@ -297,6 +311,7 @@ class VPTGenerator:
                                 f"but {len(given)} boxes were given")
         for row, count in zip(rows, wanted):
             row.boxes, given = given[:count], given[count:]
+            row.box_states = [None] * count
         return rows
 
     # ------------------------------------------------------------ phases
@@ -567,6 +582,7 @@ class VPTGenerator:
             if token == self.vocab.box:
                 # The state that predicts the box token carries its box.
                 row.boxes.append(self.model.box_heads.decode(states[b : b + 1])[0].float())
+                row.box_states.append(states[b])
             row.tokens.append(token)
             self._stream(row, [token])
             if token in self.settings.eos_ids:
@@ -607,9 +623,20 @@ class VPTGenerator:
             row.answer = turn
             row.trace.truncated = row.truncated
             row.trace.answer_boxes = [[round(v, 4) for v in box] for box in turn_boxes]
+            row.trace.answer_masks = self._answer_masks(row, len(turn_boxes))
             return False
         self._append_perception_turn(row, perception, body)
         return True
+
+    def _answer_masks(self, row: Row, count: int) -> list[dict]:
+        """With a mask decoder, the masks of the answer's ``count`` boxes over the row's first image."""
+        if not count or not self.config.mask_decoder or not row.base_images:
+            return []
+        pixels, grid = row.base_images[0]
+        features = self.model.encode_base_images(pixels.to(self.device, self.model.dtype), grid[None].to(self.device))
+        image = self.model.image_grid(features.per_image[0], grid)
+        logits = self.model.mask_decoder(torch.stack(row.box_states[-count:]), [image] * count)
+        return answer_mask_runs(logits, row.source)
 
     def _turn_boxes(self, row: Row, turn: list[int]) -> list:
         """The decoded boxes of the turn's box tokens (the row's last ones), as lists."""
@@ -620,7 +647,9 @@ class VPTGenerator:
         turn = perception_turn(perception, body, row.source, self.inputs, self.config)
         tokens = row.tokens[: row.segment_start] + turn.ids
         if self.vocab.box is not None:
-            row.boxes = replayed_boxes(row.boxes, body.count(self.vocab.box), turn.ids.count(self.vocab.box))
+            written, replayed = body.count(self.vocab.box), turn.ids.count(self.vocab.box)
+            row.boxes = replayed_boxes(row.boxes, written, replayed)
+            row.box_states = replayed_boxes(row.box_states, written, replayed)
         if self.vocab.box is not None and tokens.count(self.vocab.box) != len(row.boxes):
             # The replayed turn keeps each box token (an added, not a special, token), so each keeps its box.
             raise RuntimeError(f"the perception turn holds {tokens.count(self.vocab.box)} <|perception_box|> tokens "
@@ -669,8 +698,10 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
     trace = GenerationTrace()
     boxes = [box.tolist() for box in boxes] if boxes is not None else []
     while True:
+        turn_masks = []
         turn, truncated = _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, max_new_tokens,
-                                       eos_ids, len(trace.rounds) < max_perception_rounds, logits_processor, boxes)
+                                       eos_ids, len(trace.rounds) < max_perception_rounds, logits_processor, boxes,
+                                       turn_masks)
         body = [t for t in turn if t not in eos_ids]
         if not trace.rounds:
             trace.first_turn = tokenizer.decode(body, skip_special_tokens=False)
@@ -682,6 +713,7 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
         if perception.kind is None:
             trace.truncated = truncated
             trace.answer_boxes = [[round(v, 4) for v in box] for box in turn_boxes]
+            trace.answer_masks = answer_mask_runs(turn_masks, image)
             return turn, trace
         turn = perception_turn(perception, body, image, perception_inputs, config)
         if vocab.box is not None:
@@ -695,10 +727,11 @@ def two_round_reference(model, perception_inputs: PerceptionInputs, input_ids, p
 
 
 def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, max_new_tokens, eos_ids, may_perceive,
-                 logits_processor, boxes):
+                 logits_processor, boxes, masks):
     """Greedy decoding of one assistant turn through ``model.forward``, from an empty cache.
 
-    ``boxes``: those of the box tokens so far; a box the turn writes is appended to it.
+    ``boxes``: those of the box tokens so far; a box the turn writes is appended to it, and with a
+    mask decoder its mask logits to ``masks``.
     """
     device = model.device
     inputs = {"input_ids": torch.tensor([tokens], device=device)}
@@ -731,7 +764,10 @@ def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, 
             # the state before it) and decode the box from that state.
             rerun = {**inputs, "input_ids": torch.tensor([tokens + turn], device=device),
                      "boxes": torch.tensor(boxes + [[0.0] * 4], device=device)}
-            boxes.append(model(**rerun).pred_boxes[-1].tolist())
+            rerun = model(**rerun)
+            boxes.append(rerun.pred_boxes[-1].tolist())
+            if rerun.pred_masks is not None and rerun.pred_masks[-1] is not None:
+                masks.append(rerun.pred_masks[-1])
             step_boxes = {"boxes": torch.tensor(boxes[-1:], device=device)}
         if token in eos_ids:
             return turn, False

@@ -627,19 +627,23 @@ class VPTModelMixin:
         or None for a row without an image (images are in row-major order of their pad tokens)."""
         if image_features is None:
             return [None] * input_ids.shape[0]
-        merge = self.model.visual.spatial_merge_size
         per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
         grids, image = [], 0
         for count in per_row:
             if count == 0:
                 grids.append(None)
                 continue
-            _, height, width = (int(v) for v in image_grid_thw[image])
-            grids.append(image_features[image].view(height // merge, width // merge, -1))
+            grids.append(self.image_grid(image_features[image], image_grid_thw[image]))
             while count > 0:
                 count -= image_features[image].shape[0]
                 image += 1
         return grids
+
+    def image_grid(self, features: torch.Tensor, grid_thw) -> torch.Tensor:
+        """One image's features ``(tokens, hidden)`` as ``(height, width, hidden)`` on the merged grid."""
+        merge = self.model.visual.spatial_merge_size
+        _, height, width = (int(v) for v in grid_thw)
+        return features.view(height // merge, width // merge, -1)
 
     def _mm_token_type_ids(self, input_ids):
         """Text 0, image 1, video 2: what the processor returns, for callers that pass none."""

@@ -6,7 +6,8 @@ Sharegpt rows plus branch image columns (``detection_images``, ``seg_images``,
 the run before training with the dataset, row index and field. The branch images are then
 merged into LLaMA-Factory's one image list, in placeholder order, which is the order the
 VPT templates' plugins read them in. A ``boxes`` column (one box per ``<|perception_box|>``, checked
-and normalised) follows the images in that list as box entries (``vpt_plugin.dataset.box_entry``).
+and normalised) follows the images in that list as box entries (``vpt_plugin.dataset.box_entry``),
+each carrying its mask's path from a ``masks`` column.
 """
 
 import os
@@ -17,11 +18,13 @@ from llamafactory.data.converter import SharegptDatasetConverter
 from ..dataset import (
     BOXES,
     MAIN_IMAGES,
+    MASKS,
     VPTDataError,
     box_entry,
     image_columns,
     placeholders_in,
     row_boxes,
+    row_masks,
     row_problems,
     split_crop,
 )
@@ -85,11 +88,19 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         box_problems, boxes = row_boxes(contents, example.get(box_column) if box_column else None,
                                         images[MAIN_IMAGES], getattr(self.dataset_attr, "box_units", "normalized"))
         problems += box_problems
+        mask_column = getattr(self.dataset_attr, MASKS, None)
+        masks = example.get(mask_column) if mask_column else None
+        if masks is not None:
+            masks = [None if path is None else (self._find_medias([path]) or [path])[0] for path in masks]
+        if not box_problems:
+            mask_problems, masks = row_masks(masks, len(boxes), images[MAIN_IMAGES])
+            problems += mask_problems
         if problems:
             raise VPTDataError(f"{where}: " + "; ".join(problems))
 
         if self.question_only:
-            boxes = self._question_and_answer_boxes(messages, boxes)
+            kept = self._question_and_answer_boxes(messages, list(zip(boxes, masks)))
+            boxes, masks = [box for box, _ in kept], [mask for _, mask in kept]
             example, images = self._question_and_answer(example, images, columns)
         aligned = super().__call__(example)
         queues = {column: list(images[column] or []) for column in images}
@@ -97,7 +108,7 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         for message in aligned["_prompt"] + aligned["_response"]:
             for placeholder in placeholders_in(message["content"]):
                 merged.append(queues[image_columns()[placeholder]].pop(0))
-        merged += [box_entry(box) for box in boxes]
+        merged += [box_entry(box, mask) for box, mask in zip(boxes, masks)]
         aligned["_images"] = merged or None
         return aligned
 
@@ -132,8 +143,8 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
 
 
 def branch_columns_for(formatting: str, columns: dict, dataset_name: str) -> dict[str, str | None]:
-    """Branch image columns and the box column a dataset_info.json entry maps (read by the DatasetAttr patch)."""
-    branch_columns = {c: columns.get(c) for c in [*image_columns().values(), BOXES] if c != MAIN_IMAGES}
+    """Branch image columns and the box and mask columns a dataset_info.json entry maps (read by the DatasetAttr patch)."""
+    branch_columns = {c: columns.get(c) for c in [*image_columns().values(), BOXES, MASKS] if c != MAIN_IMAGES}
     mapped = [column for column, key in branch_columns.items() if key]
     if mapped and formatting != FORMATTING:
         raise ValueError(

@@ -15,7 +15,7 @@ import torch
 from llamafactory.data.mm_plugin import PLUGINS
 
 from ..branches import BRANCHES, get_branch
-from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, is_box_entry, open_image, parse_box_entry, placeholders_in
+from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, is_box_entry, load_mask, open_image, parse_box_entry, placeholders_in
 
 
 def vpt_template_name(template: str) -> str:
@@ -110,7 +110,7 @@ class VPTPluginMixin:
     def get_mm_inputs(self, images, videos, audios, imglens, vidlens, audlens, batch_ids, processor):
         config = vpt_config_of(processor)
         generating = getattr(processor, "vpt_generation", False)
-        images, imglens, boxes = self._split_boxes(images, imglens, batch_ids, config, generating)
+        images, imglens, boxes, masks = self._split_boxes(images, imglens, batch_ids, config, generating)
         self._validate_input(processor, images, videos, audios)
         kinds = self._image_kinds(batch_ids, processor, config)
         if len(kinds) != len(images):
@@ -124,23 +124,33 @@ class VPTPluginMixin:
             mm_inputs.update(self._source_images(images, kinds, imglens))
         if boxes is not None:
             mm_inputs["boxes"] = boxes
+        if any(mask is not None for mask in masks):
+            mm_inputs["masks"] = [None if path is None else load_mask(path) for path in masks]
         return mm_inputs
 
     @staticmethod
     def _split_boxes(images, imglens, batch_ids, config, generating: bool):
-        """Each row's media list without its box entries, and the boxes of the box tokens in ``batch_ids``.
+        """Each row's media list without its box entries, the boxes of the box tokens in ``batch_ids``,
+        and each box's mask path (or None).
 
         A row's first boxes go to its box tokens in order; when generating, the prompt holds only
         the question's box tokens and the answer's boxes are left out. Otherwise every box must have
         its token: a truncation that cut one would shift the others onto the wrong tokens.
         """
-        kept, kept_lens, boxes, start = [], [], [], 0
+        kept, kept_lens, boxes, masks, start = [], [], [], [], 0
         box_token_id = config.box_token_id if config.box_heads else None
         for count, ids in zip(imglens, batch_ids):
             row = images[start : start + count]
             start += count
             media = [image for image in row if not is_box_entry(image)]
-            row_boxes = [parse_box_entry(image) for image in row if is_box_entry(image)]
+            row_boxes, row_masks = [], []
+            for entry in filter(is_box_entry, row):
+                box, mask = parse_box_entry(entry)
+                row_boxes.append(box)
+                row_masks.append(mask)
+            if any(row_masks) and not config.mask_decoder:
+                raise VPTDataError("the data has masks (a `masks` column) but the model has no mask decoder; "
+                                   "set the recipe key `mask_decoder: true`")
             if row_boxes and box_token_id is None:
                 raise VPTDataError("the data has boxes (a `boxes` column) but the model has no box heads; "
                                    "set the recipe key `box_heads: true`")
@@ -153,7 +163,8 @@ class VPTPluginMixin:
             kept += media
             kept_lens.append(len(media))
             boxes += row_boxes[:tokens]
-        return kept, kept_lens, torch.tensor(boxes, dtype=torch.float32) if boxes else None
+            masks += row_masks[:tokens]
+        return kept, kept_lens, torch.tensor(boxes, dtype=torch.float32) if boxes else None, masks
 
     def _source_images(self, images, kinds, imglens) -> dict:
         """Each row's first base image at full resolution, for the crops and branches generation runs.
