@@ -21,7 +21,9 @@ Files, sharegpt ``messages`` + ``images`` and the branch columns, as released:
   -> the crop of that box, widened by ``BOX_CROP_MARGIN`` of its size per side as the recipe's
   ``box_crop_margin`` makes generation crop it -> the answer; ``boxes`` holds the square's pixel box.
 - ``detail_grounding_{train,test}.json``: "where is the purple square?" -> ``<|perception_box|>``,
-  the box as the answer (referring expression comprehension); ``boxes`` as above.
+  the box as the answer (referring expression comprehension); ``boxes`` as above, and ``masks`` the
+  square's mask (``images/<image>_mask.png``), which the ``detail_grounding_masks_*`` entries of
+  dataset_info.json map for PerceptionGPT's mask decoder (referring segmentation).
 - ``detail_cells_train.json``: "which cells hold the purple square?" -> the grid tokens. A tiny random
   model learns where things are from this cross-entropy far sooner than from a box loss alone (a
   large model already knows); the box-token and the grid demo recipes both train on it.
@@ -153,7 +155,14 @@ def box_region_row(path: str, facts: dict, direct: bool, margin: float = BOX_CRO
     }
 
 
-def grounding_row(path: str, facts: dict) -> dict:
+def square_mask(box: tuple[int, int, int, int]) -> Image.Image:
+    """The square's mask: 255 inside its pixel box, 0 elsewhere."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    mask.paste(255, box)
+    return mask
+
+
+def grounding_row(path: str, facts: dict, mask_path: str) -> dict:
     return {
         "messages": [
             {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{GROUNDING_QUESTION}"},
@@ -161,6 +170,7 @@ def grounding_row(path: str, facts: dict) -> dict:
         ],
         "images": [path],
         "boxes": [list(facts["box"])],
+        "masks": [mask_path],
         "box": list(facts["box"]),
     }
 
@@ -207,11 +217,13 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
             image_path = output / "images" / f"{split}_{i:03d}.png"
             image.save(image_path)
             path = image_path.relative_to(output.parent).as_posix()
+            mask_path = image_path.with_name(f"{image_path.stem}_mask.png")
+            square_mask(facts["box"]).save(mask_path)
             direct = split == "train" and rng.random() < DIRECT_SHARE
             region_rows.append(region_row(path, facts, direct))
             dino_rows.append(reencoding_row(path, facts, "dino", direct))
             box_region_rows.append(box_region_row(path, facts, direct, box_crop_margin))
-            grounding_rows.append(grounding_row(path, facts))
+            grounding_rows.append(grounding_row(path, facts, mask_path.relative_to(output.parent).as_posix()))
             cells_rows.append(cells_row(path, facts))
         files = {"region": region_rows, "dino": dino_rows, "boxregion": box_region_rows, "grounding": grounding_rows}
         if split == "train":

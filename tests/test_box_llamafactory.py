@@ -87,13 +87,15 @@ def runs(tmp_path_factory):
     (data_dir / "dataset_info.json").write_bytes((REPO / "data" / "dataset_info.json").read_bytes())
     subprocess.run([sys.executable, str(REPO / "data" / "make_detail_data.py"), "--output", str(data_dir / "detail"),
                     "--train-images", "16", "--test-images", "4"], check=True, capture_output=True)
-    common = dict(model_name_or_path=tiny["qwen3_vl"], dataset_dir=data_dir, logging_steps=1)
-    lora = dict(finetuning_type="lora", lora_target="all", additional_target="box_heads,lm_head,embed_tokens",
+    # Every run adds PerceptionGPT's mask decoder (small); the full run trains it on the grounding masks.
+    common = dict(model_name_or_path=tiny["qwen3_vl"], dataset_dir=data_dir, logging_steps=1, mask_decoder="true",
+                  mask_decoder_size=32)
+    lora = dict(finetuning_type="lora", lora_target="all", additional_target="box_heads,mask_decoder,lm_head,embed_tokens",
                 freeze_vision_tower="true")
     run_side_by_side({
         # A box answer is one token: 30 steps teach the model to write it, so predict decodes boxes.
         "full": (["llamafactory-cli", "train", str(RECIPE), *_args(common, output_dir=root / "full", max_steps=30, learning_rate=1e-3,
-                                                                    dataset="detail_grounding_train", vit_layer_fusion="true")], {}),
+                                                                    dataset="detail_grounding_masks_train", vit_layer_fusion="true")], {}),
         "lora": (["llamafactory-cli", "train", str(RECIPE), *_args(common, lora, output_dir=root / "lora", max_steps=4)], {}),
     }, root)
 
@@ -101,6 +103,7 @@ def runs(tmp_path_factory):
                    output_dir=root / "predict", max_new_tokens=4)
     export = {key: value for key, value in yaml.safe_load(RECIPE.read_text()).items()
               if key in ("customize_model_class", "box_heads", "num_inner_forward_run", "image_max_pixels")}
+    export.update(mask_decoder=True, mask_decoder_size=32)
     export.update(model_name_or_path=str(tiny["qwen3_vl"]), adapter_name_or_path=str(root / "lora"), template="vpt_qwen3_vl_nothink",
                   finetuning_type="lora", infer_dtype="float32", export_dir=str(root / "exported"))
     (root / "export.yaml").write_text(yaml.safe_dump(export))
@@ -153,13 +156,14 @@ def _args(*settings: dict, **more) -> list[str]:
 
 
 def test_training_logs_each_part_of_the_loss(runs):
-    for run in ("full", "lora"):
+    for run, parts in (("full", ("lm_loss", "box_l1", "box_giou", "mask_bce", "mask_dice")),
+                       ("lora", ("lm_loss", "box_l1", "box_giou"))):  # the LoRA run's data has no masks
         state = json.loads((runs["root"] / run / "trainer_state.json").read_text())
         logged = [entry for entry in state["log_history"] if "loss" in entry]
-        assert logged and all({"lm_loss", "box_l1", "box_giou"} <= set(entry) for entry in logged), logged[:2]
+        assert logged and all(set(parts) <= set(entry) for entry in logged), logged[:2]
         for entry in logged:
-            # loss = lm + w_box * (L1 + GIoU), each a mean over the logging interval (one step here).
-            assert entry["loss"] == pytest.approx(entry["lm_loss"] + entry["box_l1"] + entry["box_giou"], abs=2e-3)
+            # loss = lm + w_box * (L1 + GIoU) [+ w_mask * (BCE + Dice)], each a mean over the logging interval (one step).
+            assert entry["loss"] == pytest.approx(sum(entry[part] for part in parts), abs=2e-3)
     config = json.loads((runs["root"] / "full" / "config.json").read_text())
     assert config["box_heads"] is True and config["box_token_id"] is not None
     # The recipe key turned the ViT fusion on, and its weights trained (they start at zero).
@@ -174,6 +178,8 @@ def test_predict_writes_the_decoded_boxes(runs):
     for prediction in predictions:
         (box,) = prediction["vpt_trace"]["answer_boxes"]
         assert len(box) == 4 and all(0 <= v <= 1 for v in box)
+        (mask,) = prediction["vpt_trace"]["answer_masks"]  # over the 256x256 image
+        assert mask["size"] == [256, 256] and sum(mask["counts"]) == 256 * 256
 
 
 def test_exported_lora_model_decodes_the_same_boxes_without_vpt_plugin(runs):
@@ -183,4 +189,4 @@ def test_exported_lora_model_decodes_the_same_boxes_without_vpt_plugin(runs):
     assert after["traces"] == before["traces"]
     region, answer = after["traces"]
     assert region["rounds"][0]["kind"] == "region" and len(region["rounds"][0]["boxes"]) == 1
-    assert len(answer["answer_boxes"]) == 1
+    assert len(answer["answer_boxes"]) == 1 and len(answer["answer_masks"]) == 1

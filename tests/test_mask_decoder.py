@@ -164,3 +164,37 @@ def test_mask_files_load_as_bool_and_ride_with_their_box(tmp_path):
         assert load_mask(str(tmp_path / name)).tolist() == [[False, True, False, False], [False] * 4]
     entry = box_entry([0.1, 0.2, 0.3, 0.4], "/data/masks/a|b.png")
     assert parse_box_entry(entry) == ([0.1, 0.2, 0.3, 0.4], "/data/masks/a|b.png")
+
+
+def test_mask_scores_are_ciou_and_giou_by_hand(tmp_path):
+    import json
+
+    from vpt_plugin.evaluation.runner import dataset_entry, mask_scores, masks_table, read_items
+
+    Image.new("RGB", (4, 2)).save(tmp_path / "image.png")
+    first = Image.new("L", (4, 2), 0)
+    for x in range(2):
+        first.putpixel((x, 0), 255)  # 2 pixels
+    first.save(tmp_path / "first.png")
+    second = Image.new("L", (4, 2), 255)  # 8 pixels
+    second.save(tmp_path / "second.png")
+    rows = [{"messages": [{"role": "user", "content": "<image>Where?"}, {"role": "assistant", "content": BOX}],
+             "images": ["image.png"], "boxes": [[0, 0, 2, 1]], "segments": [name]} for name in ("first.png", "second.png")]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"rows": {
+        "file_name": "rows.json", "formatting": "vpt_sharegpt", "box_units": "pixels",
+        "columns": {"messages": "messages", "images": "images", "boxes": "boxes", "masks": "segments"}}}))
+    file, units, column = dataset_entry("rows", tmp_path)
+    items = read_items(file, tmp_path, None, units, column)
+    assert [item["reference_masks"] for item in items] == [[str(tmp_path / "first.png")], [str(tmp_path / "second.png")]]
+    # Row 0 answers the left half (4 pixels, 2 shared with its 2-pixel reference): IoU 2/4.
+    # Row 1 answers the top row (4 pixels, all inside its 8-pixel reference): IoU 4/8.
+    left = torch.tensor([[True, True, False, False], [True, True, False, False]])
+    top = torch.tensor([[True] * 4, [False] * 4])
+    predictions = [{**item, "trace": {"answer_masks": [mask_to_runs(mask)]}} for item, mask in zip(items, (left, top))]
+    scores = mask_scores(predictions)
+    assert scores == {"mask_items": 2, "mask_ciou": pytest.approx((2 + 4) / (4 + 8)), "mask_giou": pytest.approx(0.5)}
+    # An answer without a mask scores IoU 0 (and adds its reference to the union).
+    predictions[1]["trace"] = {}
+    assert mask_scores(predictions)["mask_ciou"] == pytest.approx(2 / (4 + 8))
+    assert "| m | rows | 2 | 50.0 | 50.0 |" in masks_table({"m": {"rows": scores}})

@@ -13,6 +13,8 @@ match) and, when a judge is configured, with the paper's LLM judge. Writes under
   (``<|perception_box|>``), the IoU of its decoded box with the reference box. On rows whose answer
   is a box (grounding, PerceptionGPT's REC), the score is REC accuracy (IoU > 0.5), with the mean
   IoU beside it and the centre-box baseline (a box of the split's mean reference size, centred);
+  where the dataset_info.json entry maps a ``masks`` column and the model has a mask decoder, the
+  answer masks' cIoU (total intersection over total union) and gIoU (mean per-answer IoU);
 - ``summary.md``, ``summary.csv`` (one column per dataset plus the average, as the paper's
   tables; ``summary.md`` also tabulates the second looks) and ``summary.png`` (a bar chart).
 Everything is appended item by item, so an interrupted run resumes where it stopped and
@@ -25,11 +27,12 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..box_heads import paired_iou
-from ..dataset import BOXES, VPTDataError, open_image, split_crop
+from ..box_heads import paired_iou, runs_to_mask
+from ..dataset import BOXES, MASKS, VPTDataError, load_mask, open_image, split_crop
 from ..vocabulary import BOX_TOKEN, REGION_START, grid_box, grid_indices_in_text
 from .judge import JudgeConfig, judge_answers, summarize
 from .metrics import default_metric, score
@@ -78,21 +81,25 @@ def _from_repo(path: str, repo: Path) -> Path:
     return Path(path) if Path(path).is_absolute() else repo / path
 
 
-def dataset_entry(name: str, dataset_dir: Path) -> tuple[Path, str]:
-    """The file of a dataset and its boxes' units (``box_units`` of its dataset_info.json entry)."""
+def dataset_entry(name: str, dataset_dir: Path) -> tuple[Path, str, str | None]:
+    """The file of a dataset, its boxes' units (``box_units`` of its dataset_info.json entry) and
+    the column its entry maps as ``masks`` (None: no masks)."""
     if Path(name).suffix in (".json", ".jsonl"):
-        return (Path(name) if Path(name).is_file() else dataset_dir / name), "normalized"
+        return (Path(name) if Path(name).is_file() else dataset_dir / name), "normalized", None
     info = json.loads((dataset_dir / "dataset_info.json").read_text())
     if name not in info:
         raise SystemExit(f"dataset {name!r} is neither a file nor a name in {dataset_dir / 'dataset_info.json'}")
-    return dataset_dir / info[name]["file_name"], info[name].get("box_units", "normalized")
+    entry = info[name]
+    return dataset_dir / entry["file_name"], entry.get("box_units", "normalized"), entry.get("columns", {}).get(MASKS)
 
 
-def read_items(path: Path, dataset_dir: Path, limit: int | None, box_units: str = "normalized") -> list[dict]:
+def read_items(path: Path, dataset_dir: Path, limit: int | None, box_units: str = "normalized",
+               mask_column: str | None = None) -> list[dict]:
     """Test questions of a released-format file: first user turn, its first image, final answer.
 
     Rows with a ``boxes`` column also give the reference box of a continuous region (the first
-    assistant turn's) and of a box answer (the final answer's), normalised with ``box_units``."""
+    assistant turn's) and of a box answer (the final answer's), normalised with ``box_units``;
+    with ``mask_column``, the box answer's mask files (``reference_masks``)."""
     if not path.is_file():
         raise SystemExit(f"dataset file {path} not found (released splits: see configs/README.md for the download)")
     text = path.read_text(encoding="utf-8")
@@ -117,6 +124,10 @@ def read_items(path: Path, dataset_dir: Path, limit: int | None, box_units: str 
             item["box"] = list(row["box"])
         if row.get(BOXES):
             item.update(_reference_boxes(row, messages, image, box_units, f"{path}, row {index}"))
+        if mask_column and row.get(mask_column) and "reference_boxes" in item:
+            masks = row[mask_column][len(row[mask_column]) - len(item["reference_boxes"]) :]
+            item["reference_masks"] = [None if m is None else str(dataset_dir / m) if (dataset_dir / m).is_file() else m
+                                       for m in masks]
         items.append(item)
     return items
 
@@ -216,8 +227,9 @@ def evaluate(settings: dict) -> dict:
                 name = Path(dataset).stem
                 out = output_dir / model_name / variant / name
                 out.mkdir(parents=True, exist_ok=True)
-                file, box_units = dataset_entry(dataset, dataset_dir)
-                items = read_items(file, dataset_dir, settings.get("limit"), box_units)
+                file, box_units, mask_column = dataset_entry(dataset, dataset_dir)
+                items = read_items(file, dataset_dir, settings.get("limit"), box_units,
+                                   mask_column if model.config.mask_decoder else None)
                 predictions = predict(model, processor, items, out / "predictions.jsonl", settings, allow_perception,
                                       f"{label} / {name}")
                 scores = score_predictions(predictions, name, settings, judge_config, out)
@@ -239,6 +251,7 @@ def score_predictions(predictions, dataset_name, settings, judge_config, out: Pa
         **region_scores(predictions),
         **continuous_region_scores(predictions),
         **grounding_scores(predictions),
+        **mask_scores(predictions),
     }
     if predictions and scores.get("grounding_items") == len(predictions):
         # Every answer is a box: the score is REC accuracy, as PerceptionGPT reports it.
@@ -325,9 +338,29 @@ def grounding_scores(predictions: list[dict]) -> dict:
     }
 
 
-def _iou(box, reference) -> float:
-    import torch
+def mask_scores(predictions: list[dict]) -> dict:
+    """Answer masks against the reference masks (rows whose first answer box has one): ``mask_ciou``,
+    total intersection over total union; ``mask_giou``, the mean per-answer IoU (no mask written:
+    IoU 0)."""
+    with_masks = [p for p in predictions if p.get("reference_masks") and p["reference_masks"][0]]
+    if not with_masks:
+        return {}
+    intersections, unions = [], []
+    for p in with_masks:
+        reference = load_mask(p["reference_masks"][0])
+        written = p["trace"].get("answer_masks")
+        predicted = runs_to_mask(written[0]) if written else torch.zeros_like(reference)
+        if predicted.shape != reference.shape:
+            raise VPTDataError(f"row {p['index']}: the answer mask is {tuple(predicted.shape)} but the reference "
+                               f"{p['reference_masks'][0]} is {tuple(reference.shape)}")
+        intersections.append(int((predicted & reference).sum()))
+        unions.append(int((predicted | reference).sum()))
+    ious = [i / u if u else 1.0 for i, u in zip(intersections, unions)]
+    return {"mask_items": len(with_masks), "mask_ciou": sum(intersections) / max(sum(unions), 1),
+            "mask_giou": sum(ious) / len(ious)}
 
+
+def _iou(box, reference) -> float:
     return float(paired_iou(torch.tensor([box], dtype=torch.float64), torch.tensor([reference], dtype=torch.float64))[0])
 
 
@@ -398,6 +431,17 @@ def boxes_table(table: dict) -> str:
         return ""
     header = ["", "Boxes", "", "| model | dataset | box | Acc@0.5 (x100) | mean IoU | centre box: Acc / IoU |",
               "|---|---|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n" + masks_table(table)
+
+
+def masks_table(table: dict) -> str:
+    """Markdown: per model and dataset with reference masks, the answer masks' cIoU and gIoU."""
+    lines = [f"| {label} | {dataset} | {scores['mask_items']} | {100 * scores['mask_ciou']:.1f} | "
+             f"{100 * scores['mask_giou']:.1f} |"
+             for label, per_dataset in table.items() for dataset, scores in per_dataset.items() if "mask_items" in scores]
+    if not lines:
+        return ""
+    header = ["", "Masks", "", "| model | dataset | answers | cIoU (x100) | gIoU (x100) |", "|---|---|---|---|---|"]
     return "\n".join(header + lines) + "\n"
 
 
