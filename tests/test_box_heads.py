@@ -191,3 +191,32 @@ def test_reading_a_turn_without_its_decoded_boxes_does_not_raise(box_model, box_
     vocab = PerceptionVocabulary.from_model(box_model.config, box_processor.tokenizer)
     ids = box_processor.tokenizer.encode(RS + BOX + RE, add_special_tokens=False)
     assert read_perception(ids, vocab, ["clip"], True).kind is None
+
+
+def test_questions_with_boxes_reach_generation_through_answer_questions(box_model, box_processor, tmp_path):
+    """A region-input question (its box in the question): `answer_questions`, as evaluation and
+    `vpt infer` call it, gives generation the question's boxes."""
+    import json
+
+    from vpt_plugin.evaluation.runner import read_items
+    from vpt_plugin.inference import answer_questions
+
+    model, processor = box_model, box_processor
+    image = shape_image((2, 2), "red")
+    image.save(tmp_path / "image.png")
+    row = {"messages": [{"role": "user", "content": f"<image>What is in {BOX}?"}, {"role": "assistant", "content": "red"}],
+           "images": ["image.png"], "boxes": [[0.25, 0.25, 0.5, 0.5]]}
+    (tmp_path / "rows.json").write_text(json.dumps([row]))
+    (item,) = read_items(tmp_path / "rows.json", tmp_path, None)
+    assert item["question_boxes"] == [[0.25, 0.25, 0.5, 0.5]] and "reference_boxes" not in item
+
+    question = (str(tmp_path / "image.png"), item["question"], item["question_boxes"])
+    (answer,) = answer_questions(model, processor, [question, (str(tmp_path / "image.png"), "Which colour?")],
+                                 max_new_tokens=4)[:1]
+    prompt = encode_conversation(processor, model.config, [{"role": "user", "content": item["question"]}],
+                                 [image], add_generation_prompt=True, boxes=item["question_boxes"])
+    direct = model.generate(**collate_prompts([prompt], processor.tokenizer.pad_token_id), processor=processor,
+                            vpt_images=[image], do_sample=False, max_new_tokens=4, return_dict_in_generate=True)
+    assert answer.trace == direct.traces[0]
+    with pytest.raises(VPTInputError, match="1 <\\|perception_box\\|> tokens but 0 boxes"):
+        answer_questions(model, processor, [(question[0], question[1])], max_new_tokens=4)

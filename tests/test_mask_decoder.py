@@ -198,3 +198,22 @@ def test_mask_scores_are_ciou_and_giou_by_hand(tmp_path):
     predictions[1]["trace"] = {}
     assert mask_scores(predictions)["mask_ciou"] == pytest.approx(2 / (4 + 8))
     assert "| m | rows | 2 | 50.0 | 50.0 |" in masks_table({"m": {"rows": scores}})
+
+
+def test_vpt_infer_takes_question_boxes_and_draws_answer_masks(mask_vpt_dir, tmp_path, capsys):
+    from vpt_plugin.cli import main
+    from vpt_plugin.inference import draw_regions
+
+    image = tmp_path / "square.png"
+    shape_image((2, 2), "red").save(image)
+    main(["infer", "--model", str(mask_vpt_dir), "--image", str(image), "--max-new-tokens", "4",
+          "--box", "0.25,0.25,0.5,0.5", f"What is in {BOX}?"])
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit, match="--box '0.5,0.5,0.25,0.75': give x0,y0,x1,y1 normalised"):
+        main(["infer", "--model", str(mask_vpt_dir), "--image", str(image), "--box", "0.5,0.5,0.25,0.75", f"In {BOX}?"])
+    # An answer mask is shaded on the drawing, the image itself untouched.
+    mask = torch.zeros(224, 224, dtype=torch.bool)
+    mask[:112] = True
+    drawn = draw_regions(Image.open(image), {"rounds": [], "answer_masks": [mask_to_runs(mask)]})
+    assert drawn.getpixel((200, 10)) != Image.open(image).convert("RGB").getpixel((200, 10))
+    assert drawn.getpixel((200, 200)) == Image.open(image).convert("RGB").getpixel((200, 200))

@@ -104,18 +104,31 @@ def _infer(args) -> None:
     from .inference import answer_questions, draw_regions, load_vpt_model
 
     model, processor = load_vpt_model(args.model, device=args.device)
-    [answer] = answer_questions(model, processor, [(str(args.image), args.question)], max_new_tokens=args.max_new_tokens,
+    boxes = [_normalised_box(text) for text in args.box] or None
+    [answer] = answer_questions(model, processor, [(str(args.image), args.question, boxes)], max_new_tokens=args.max_new_tokens,
                                 allow_perception=not args.no_perception, image_max_pixels=args.image_max_pixels)
     for number, perception in enumerate(answer.trace["rounds"]):
         boxes = f" boxes (pixels) {perception['pixel_boxes']}" if "pixel_boxes" in perception else ""
         print(f"perception {number}: {perception['kind']} {perception['tokens']}{boxes}")
     if answer.trace["problem"]:
         print(f"note: {answer.trace['problem']}")
-    if any("pixel_boxes" in p for p in answer.trace["rounds"]):
+    for number, box in enumerate(answer.trace.get("answer_boxes", [])):
+        print(f"answer box {number}: {box} (normalised x0, y0, x1, y1)")
+    if any("pixel_boxes" in p for p in answer.trace["rounds"]) or answer.trace.get("answer_boxes"):
         out = args.regions_image or args.image.with_name(f"{args.image.stem}_regions.png")
         draw_regions(answer.image, answer.trace).save(out)
         print(f"regions drawn on {out}")
     print(answer.text)
+
+
+def _normalised_box(text: str) -> list[float]:
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(0 <= v <= 1 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        raise SystemExit(f"--box {text!r}: give x0,y0,x1,y1 normalised to [0, 1], with x0 < x1 and y0 < y1")
+    return box
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     infer.add_argument("question")
     infer.add_argument("--model", required=True, help="VPT checkpoint directory or hub id")
     infer.add_argument("--image", type=Path, required=True)
+    infer.add_argument("--box", action="append", default=[],
+                       help="x0,y0,x1,y1 (normalised) for each <|perception_box|> in the question, in order (box heads)")
     infer.add_argument("--max-new-tokens", type=int, default=128)
     infer.add_argument("--image-max-pixels", type=int, default=512 * 512, help="resize larger images (published: 512^2)")
     infer.add_argument("--no-perception", action="store_true", help="answer without Visual Perception Tokens")

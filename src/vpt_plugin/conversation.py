@@ -106,4 +106,7 @@ def collate_prompts(prompts: list[dict], pad_token_id: int) -> dict:
     if with_image:
         batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_image])
         batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_image])
+    with_boxes = [p["boxes"] for p in prompts if "boxes" in p]
+    if with_boxes:
+        batch["boxes"] = torch.cat(with_boxes)  # row-major, as the prompts' box tokens are
     return batch

@@ -169,11 +169,13 @@ def box_comparison_table(table: dict) -> str:
         holds = 100 * hits / items
         lines.append(f"| {mode} | {dataset} | {100 * scores['metric_mean']:.1f} | {100 * suppressed['metric_mean']:.1f} | "
                      f"{right} | {holds:.0f}% |")
-    grounding = table["box_region"]["detail_grounding_test"]
-    lines += ["", "| grounding (box answer) | REC Acc@0.5 | mean IoU | centre box: Acc@0.5 / mean IoU |", "|---|---|---|---|",
-              f"| box_region on detail_grounding_test | {100 * grounding['metric_mean']:.1f} | "
+    grounding = table["box_region"]["detail_grounding_masks_test"]
+    lines += ["", "| grounding (box and mask answer) | REC Acc@0.5 | mean IoU | centre box: Acc@0.5 / mean IoU | "
+              "mask cIoU | mask gIoU |", "|---|---|---|---|---|---|",
+              f"| box_region on detail_grounding_masks_test | {100 * grounding['metric_mean']:.1f} | "
               f"{grounding['grounding_iou_mean']:.3f} | {100 * grounding['centre_box_hits'] / grounding['grounding_items']:.1f}"
-              f" / {grounding['centre_box_iou_mean']:.3f} |"]
+              f" / {grounding['centre_box_iou_mean']:.3f} | {100 * grounding['mask_ciou']:.1f} | "
+              f"{100 * grounding['mask_giou']:.1f} |"]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .box_heads import box_crop_pixels
+from .box_heads import box_crop_pixels, runs_to_mask
 from .conversation import collate_prompts, encode_conversation
 from .dataset import open_image
 from .generation import PerceptionInputs, rgb
@@ -58,8 +58,9 @@ def answer_questions(model, processor, items, batch_size: int = 8, allow_percept
     """Answer ``(image, question)`` pairs (image: PIL, path, or None) with the one-call VPT loop.
 
     The question is the first user turn, as in the released test splits; an ``<image>`` in it
-    marks where the image goes (default: before the question). ``generation``: settings for
-    ``generate`` (``max_new_tokens``, ``do_sample``, ...); greedy by default.
+    marks where the image goes (default: before the question). A question with ``<|perception_box|>``
+    tokens (box heads) comes as ``(image, question, boxes)``: one normalised ``[x0, y0, x1, y1]`` per
+    token. ``generation``: settings for ``generate`` (``max_new_tokens``, ``do_sample``, ...); greedy by default.
     """
     prepare = partial(limit_pixels, max_pixels=image_max_pixels)
     perception = PerceptionInputs(processor, prepare_image=prepare)
@@ -68,20 +69,24 @@ def answer_questions(model, processor, items, batch_size: int = 8, allow_percept
     batches = range(0, len(items), batch_size)
     for start in tqdm(batches, desc="answering", disable=not progress):
         chunk = items[start : start + batch_size]
-        images = [open_image(image) if isinstance(image, str) else image for image, _ in chunk]
-        answers += _answer_batch(model, perception, images, [q for _, q in chunk], allow_perception, generation)
+        images = [open_image(image) if isinstance(image, str) else image for image, *_ in chunk]
+        boxes = [item[2] if len(item) > 2 else None for item in chunk]
+        answers += _answer_batch(model, perception, images, [item[1] for item in chunk], boxes, allow_perception,
+                                 generation)
     return answers
 
 
-def _answer_batch(model, perception: PerceptionInputs, images, questions, allow_perception, generation) -> list[Answer]:
+def _answer_batch(model, perception: PerceptionInputs, images, questions, boxes, allow_perception,
+                  generation) -> list[Answer]:
     processor = perception.processor
     encoded = []
-    for image, question in zip(images, questions):
+    for image, question, question_boxes in zip(images, questions, boxes):
         if image is not None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + question
         shown = [perception.prepare_image(image)] if image is not None else None
         messages = [{"role": "user", "content": question}]
-        encoded.append(encode_conversation(processor, model.config, messages, images=shown, add_generation_prompt=True))
+        encoded.append(encode_conversation(processor, model.config, messages, images=shown, add_generation_prompt=True,
+                                           boxes=question_boxes))
     inputs = collate_prompts(encoded, processor.tokenizer.pad_token_id)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, processor=perception, vpt_images=images, allow_perception=allow_perception,
@@ -92,8 +97,11 @@ def _answer_batch(model, perception: PerceptionInputs, images, questions, allow_
 
 def draw_regions(image: Image.Image, trace: dict, colour: str = "red") -> Image.Image:
     """A copy of ``image`` with every region the model chose (its crop, in pixels) and every box it
-    answered with (``<|perception_box|>``, decoded) drawn."""
+    answered with (``<|perception_box|>``, decoded) drawn, over each answer mask (mask decoder) shaded."""
     drawn = rgb(image).copy()
+    for runs in trace.get("answer_masks", []):
+        mask = Image.fromarray(runs_to_mask(runs).numpy().astype("uint8") * 96).resize(drawn.size)
+        drawn.paste(Image.new("RGB", drawn.size, colour), (0, 0), mask)
     pen = ImageDraw.Draw(drawn)
     width = max(2, min(drawn.size) // 100)
     labelled = []

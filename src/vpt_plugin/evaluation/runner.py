@@ -143,6 +143,9 @@ def _reference_boxes(row, messages, image, box_units, where) -> dict:
         width, height = open_image(image).size
         boxes = [[x0 / width, y0 / height, x1 / width, y1 / height] for x0, y0, x1, y1 in boxes]
     found = {}
+    asked = messages[0]["content"].count(BOX_TOKEN)
+    if asked:
+        found["question_boxes"] = boxes[:asked]  # the question's box tokens take them as input
     first, answer = messages[1]["content"] if len(messages) >= 4 else "", messages[-1]["content"]
     if REGION_START + BOX_TOKEN in first:
         found["reference_region_box"] = boxes[sum(m["content"].count(BOX_TOKEN) for m in messages[:1])]
@@ -187,7 +190,8 @@ def predict(model, processor, items, out: Path, settings: dict, allow_perception
     generation = settings.get("generation") or {}
     for start in tqdm(range(0, len(todo), size), desc=desc, unit="batch"):
         chunk = todo[start : start + size]
-        answers = answer_questions(model, processor, [(i["image"], i["question"]) for i in chunk], batch_size=size,
+        questions = [(i["image"], i["question"], i.get("question_boxes")) for i in chunk]
+        answers = answer_questions(model, processor, questions, batch_size=size,
                                    allow_perception=allow_perception, image_max_pixels=settings["image_max_pixels"],
                                    **generation)
         records = [{**item, "answer": answer.text, "trace": answer.trace} for item, answer in zip(chunk, answers)]
