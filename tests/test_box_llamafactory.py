@@ -78,6 +78,23 @@ json.dump({"traces": generated.traces, "module": type(model).__module__,
 '''
 
 
+# LLaMA-Factory's chat engine on the trained model: a grounding question, answered and streamed.
+CHAT = r'''
+import json, sys
+from PIL import Image
+from llamafactory.chat import ChatModel
+model, image, out = sys.argv[1:]
+chat = ChatModel(dict(model_name_or_path=model, template="vpt_qwen3_vl_nothink", infer_backend="huggingface",
+                      max_new_tokens=4, do_sample=False, image_max_pixels=16384))
+messages = [{"role": "user", "content": "<image>Where is the purple square?"}]
+image = Image.open(image)
+[reply] = chat.chat(messages, images=[image])
+traces = chat.engine.model.vpt_last_traces
+streamed = "".join(chat.stream_chat(messages, images=[image]))
+json.dump({"reply": reply.response_text, "streamed": streamed, "traces": traces}, open(out, "w"))
+'''
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("box-llamafactory")
@@ -107,9 +124,11 @@ def runs(tmp_path_factory):
     export.update(model_name_or_path=str(tiny["qwen3_vl"]), adapter_name_or_path=str(root / "lora"), template="vpt_qwen3_vl_nothink",
                   finetuning_type="lora", infer_dtype="float32", export_dir=str(root / "exported"))
     (root / "export.yaml").write_text(yaml.safe_dump(export))
+    test_image = data_dir / json.loads((data_dir / "detail" / "detail_grounding_test.json").read_text())[0]["images"][0]
     run_side_by_side({
         "predict": (["llamafactory-cli", "train", str(REPO / "configs" / "demo" / "box_predict.yaml"), *_args(predict)], {}),
         "export": (["llamafactory-cli", "export", str(root / "export.yaml")], {}),
+        "chat": ([sys.executable, "-c", CHAT, str(root / "full"), str(test_image), str(root / "chat.json")], {}),
     }, root)
 
     blocker = root / "blocker" / "vpt_plugin"
@@ -180,6 +199,13 @@ def test_predict_writes_the_decoded_boxes(runs):
         assert len(box) == 4 and all(0 <= v <= 1 for v in box)
         (mask,) = prediction["vpt_trace"]["answer_masks"]  # over the 256x256 image
         assert mask["size"] == [256, 256] and sum(mask["counts"]) == 256 * 256
+
+
+def test_chat_engine_answers_with_a_decoded_box_and_mask(runs):
+    chat = json.loads((runs["root"] / "chat.json").read_text())
+    assert chat["reply"] == chat["streamed"]
+    (trace,) = chat["traces"]
+    assert len(trace["answer_boxes"]) == 1 and trace["answer_masks"][0]["size"] == [256, 256]
 
 
 def test_exported_lora_model_decodes_the_same_boxes_without_vpt_plugin(runs):
