@@ -6,8 +6,10 @@ tokens, boxes in pixels, branch, and why tokens were not acted on), gathered acr
 in the order the predictions are; ``save_predictions`` adds it to each line of
 ``generated_predictions.jsonl`` as ``vpt_trace``. Other models' predictions are unchanged.
 In training, ``compute_loss`` keeps the parts of a VPT model's loss (``lm_loss``, ``box_l1``,
-``box_giou``, ``mask_bce``, ``mask_dice``: the model output's fields) and ``log`` adds their means over the logging interval
-(this process's micro-batches) beside ``loss``.
+``box_giou``, ``mask_bce``, ``mask_dice``: the model output's fields) and ``log`` adds them beside ``loss``,
+each summed over the logging interval's micro-batches (this process's) and divided by their number, a
+micro-batch without boxes or masks adding 0: ``loss = lm_loss + w_box * (box_l1 + box_giou) + w_mask *
+(mask_bce + mask_dice)`` holds for the logged means too.
 
 Why no public hook serves: the Seq2SeqTrainer's generate call returns token ids only, and
 ``save_predictions`` writes a fixed set of fields; the Trainer logs the total loss only, and a
@@ -40,20 +42,20 @@ def apply_sft_trainer_patch(trainer_module) -> None:
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         result = upstream_compute_loss(self, model, inputs, return_outputs=True, **kwargs)
         loss, outputs = result if isinstance(result, tuple) else (result, None)
-        if model.training and outputs is not None:
+        if model.training and outputs is not None and hasattr(outputs, "get") and outputs.get("lm_loss") is not None:
             parts = getattr(self, "vpt_loss_parts", {})
             for name in LOSS_PARTS:
-                value = outputs.get(name) if hasattr(outputs, "get") else None
-                if value is not None:
-                    parts.setdefault(name, []).append(float(value.detach()))
+                if outputs.get(name) is not None:
+                    parts[name] = parts.get(name, 0.0) + float(outputs[name].detach())
             self.vpt_loss_parts = parts
+            self.vpt_loss_micro_batches = getattr(self, "vpt_loss_micro_batches", 0) + 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, start_time=None):
         parts = getattr(self, "vpt_loss_parts", None)
         if "loss" in logs and parts:
-            logs.update({name: round(sum(values) / len(values), 4) for name, values in parts.items()})
-            self.vpt_loss_parts = {}
+            logs.update({name: round(total / self.vpt_loss_micro_batches, 4) for name, total in parts.items()})
+            self.vpt_loss_parts, self.vpt_loss_micro_batches = {}, 0
         upstream_log(self, logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
