@@ -300,17 +300,30 @@ def test_bad_dataset_row_stops_before_training_and_loses_nothing(tiny, tmp_path,
     assert (output / "earlier_run.txt").read_text() == "kept"
 
 
-def test_branch_images_need_the_vpt_formatting(tiny, tmp_path):
+def test_released_sharegpt_entries_train_unchanged_and_bad_ones_are_named_briefly(tiny, tmp_path):
+    """The published dataset_info.json says `"formatting": "sharegpt"` beside branch image columns:
+    such an entry is read as VPT data with one notice; another formatting is refused by name, no traceback."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     info = json.loads((REPO / "data" / "dataset_info.json").read_text())["vpt_demo_clip_train"]
     info = {**info, "formatting": "sharegpt", "file_name": str(REPO / "data" / "demo" / "vpt_demo_clip_train.json")}
-    (data_dir / "dataset_info.json").write_text(json.dumps({"released_style": info}))
+    (data_dir / "dataset_info.json").write_text(json.dumps({"released_style": info,
+                                                            "as_alpaca": {**info, "formatting": "alpaca"}}))
     args = overrides(model_name_or_path=tiny["qwen2_vl"], dataset="released_style", dataset_dir=data_dir,
-                     output_dir=tmp_path / "out", eval_dataset="released_style")
+                     media_dir=REPO / "data", output_dir=tmp_path / "out", max_steps=2, eval_dataset="released_style")
+    code, out = cli(["llamafactory-cli", "train", str(DEMO / "clip_vpt.yaml"), *args], tmp_path)
+    assert code == 0, out[-3000:]
+    assert out.count("dataset released_style: maps ['clip_images', 'detection_images', 'seg_images'], so it is read "
+                     "as vpt_sharegpt") == 1, out[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    args = overrides(model_name_or_path=tiny["qwen2_vl"], dataset="as_alpaca", dataset_dir=data_dir,
+                     output_dir=tmp_path / "out2")
     code, out = cli(["llamafactory-cli", "train", str(DEMO / "clip_vpt.yaml"), *args], tmp_path)
     assert code != 0
-    assert "vpt_demo_clip_train.json: columns ['clip_images', 'detection_images', 'seg_images'] need" in out, out[-3000:]
+    assert ("VPTDataError: dataset_info.json, dataset as_alpaca: columns ['clip_images', 'detection_images', "
+            "'seg_images'] need `\"formatting\": \"vpt_sharegpt\"` (found 'alpaca')") in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
 
 
 def test_vpt_data_needs_a_vpt_template(tiny, tmp_path):

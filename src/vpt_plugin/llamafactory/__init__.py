@@ -11,8 +11,34 @@ so activation imports nothing and costs nothing at start-up.
 """
 
 import dataclasses
+import os
+import sys
 
 from vpt_plugin_startup import activate
+
+TRACEBACK_VARIABLE = "VPT_PLUGIN_TRACEBACK"
+
+
+def report_vpt_errors_briefly(_module=None) -> None:
+    """A bad dataset row, entry or model input ends the command with its message, which names the
+    dataset, row and field, rather than under a wall of traceback (``VPT_PLUGIN_TRACEBACK=1`` shows it).
+
+    ``sys.excepthook`` is Python's own hook for how an uncaught exception is reported."""
+    from ..branches import VPTInputError
+    from ..dataset import VPTDataError
+
+    if os.environ.get(TRACEBACK_VARIABLE, "").lower() in ("1", "true", "yes") or getattr(sys.excepthook, "vpt", False):
+        return
+    upstream = sys.excepthook
+
+    def report(kind, error, traceback):
+        if issubclass(kind, (VPTDataError, VPTInputError)):
+            print(f"{kind.__name__}: {error}\n({TRACEBACK_VARIABLE}=1 shows where it was raised)", file=sys.stderr)
+        else:
+            upstream(kind, error, traceback)
+
+    report.vpt = True
+    sys.excepthook = report
 
 
 def register_template_and_plugin(template_module) -> None:

@@ -10,7 +10,8 @@ and normalised) follows the images in that list as box entries (``vpt_plugin.dat
 each carrying its mask's path from a ``masks`` column.
 """
 
-import os
+import functools
+import logging
 from dataclasses import dataclass
 
 from llamafactory.data.converter import SharegptDatasetConverter
@@ -21,16 +22,15 @@ from ..dataset import (
     MASKS,
     VPTDataError,
     box_entry,
+    check_row,
     image_columns,
     placeholders_in,
-    row_boxes,
-    row_masks,
-    row_problems,
-    split_crop,
+    resolve_media,
 )
 from ..vocabulary import BOX_TOKEN
 
 FORMATTING = "vpt_sharegpt"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,15 +61,7 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
             isinstance(media, str) for media in medias
         ):
             return super()._find_medias(medias)
-        resolved = []
-        for media in medias:
-            try:
-                file, _ = split_crop(media)
-            except VPTDataError:
-                file = media
-            joined = os.path.join(self.data_args.media_dir, file)
-            resolved.append(joined + media[len(file) :] if os.path.isfile(joined) else media)
-        return resolved or None
+        return [resolve_media(media, self.data_args.media_dir) for media in medias] or None
 
     def __call__(self, example, index=None):
         where = f"dataset {self.dataset_attr.dataset_name}, row {index}"
@@ -83,18 +75,12 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         images = {column: self._find_medias(example[key]) if key else None for column, key in columns.items()}
         messages = example[self.dataset_attr.messages] or []
         contents = [str(message.get(self.dataset_attr.content_tag, "")) for message in messages]
-        problems = row_problems(contents, images)
-        box_column = getattr(self.dataset_attr, BOXES, None)
-        box_problems, boxes = row_boxes(contents, example.get(box_column) if box_column else None,
-                                        images[MAIN_IMAGES], getattr(self.dataset_attr, "box_units", "normalized"))
-        problems += box_problems
-        mask_column = getattr(self.dataset_attr, MASKS, None)
+        box_column, mask_column = getattr(self.dataset_attr, BOXES, None), getattr(self.dataset_attr, MASKS, None)
         masks = example.get(mask_column) if mask_column else None
-        if masks is not None:
-            masks = [None if path is None else (self._find_medias([path]) or [path])[0] for path in masks]
-        if not box_problems:
-            mask_problems, masks = row_masks(masks, len(boxes), images[MAIN_IMAGES])
-            problems += mask_problems
+        if isinstance(masks, list):
+            masks = [resolve_media(path, self.data_args.media_dir) for path in masks]
+        problems, boxes, masks = check_row(contents, images, example.get(box_column) if box_column else None, masks,
+                                           getattr(self.dataset_attr, "box_units", "normalized"))
         if problems:
             raise VPTDataError(f"{where}: " + "; ".join(problems))
 
@@ -142,13 +128,30 @@ class VPTSharegptDatasetConverter(SharegptDatasetConverter):
         return example, images
 
 
-def branch_columns_for(formatting: str, columns: dict, dataset_name: str) -> dict[str, str | None]:
-    """Branch image columns and the box and mask columns a dataset_info.json entry maps (read by the DatasetAttr patch)."""
-    branch_columns = {c: columns.get(c) for c in [*image_columns().values(), BOXES, MASKS] if c != MAIN_IMAGES}
-    mapped = [column for column, key in branch_columns.items() if key]
-    if mapped and formatting != FORMATTING:
-        raise ValueError(
-            f"dataset_info.json, dataset {dataset_name}: columns {mapped} need `\"formatting\": \"{FORMATTING}\"` "
-            f"(found {formatting!r}); other formattings drop branch images"
-        )
-    return branch_columns
+def vpt_columns_of(columns: dict) -> dict[str, str | None]:
+    """The branch image, box and mask columns a dataset_info.json entry's ``columns`` maps."""
+    return {c: columns.get(c) for c in [*image_columns().values(), BOXES, MASKS] if c != MAIN_IMAGES}
+
+
+def vpt_formatting(formatting: str, vpt_columns: dict[str, str | None], dataset: str) -> str:
+    """The formatting to read dataset ``dataset`` (its dataset_info.json key) with.
+
+    The released entries say ``"formatting": "sharegpt"`` and map branch image columns: they are VPT
+    data, read as ``vpt_sharegpt`` (with a notice). Any other formatting would drop those columns.
+    """
+    mapped = [column for column, key in vpt_columns.items() if key]
+    if not mapped or formatting == FORMATTING:
+        return formatting
+    if formatting == "sharegpt":
+        _notice_read_as_vpt(dataset, tuple(mapped))
+        return FORMATTING
+    raise VPTDataError(
+        f"dataset_info.json, dataset {dataset}: columns {mapped} need `\"formatting\": \"{FORMATTING}\"` "
+        f"(found {formatting!r}), which would drop them"
+    )
+
+
+@functools.cache  # once per entry and run: the loader parses dataset and eval_dataset separately
+def _notice_read_as_vpt(dataset: str, mapped: tuple) -> None:
+    logger.warning("dataset_info.json, dataset %s: maps %s, so it is read as %s (VPT data)", dataset, list(mapped),
+                   FORMATTING)
