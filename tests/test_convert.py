@@ -183,3 +183,19 @@ def test_tied_embeddings_and_sharded_bin_files(tiny_base_dir, tmp_path):
     embeddings = model.get_input_embeddings().weight
     torch.testing.assert_close(embeddings, state["model.embed_tokens.weight"])
     assert model.lm_head.weight.data_ptr() == embeddings.data_ptr()
+
+
+def test_a_checkpoint_without_tokenizer_files_is_named_and_converts_with_tokenizer(tiny_base_dir, tmp_path, capsys):
+    build_published("clip", tiny_base_dir, tmp_path / "published")
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    for path in (tmp_path / "published").iterdir():
+        if path.name not in ("config.json", "pytorch_model.bin"):
+            path.rename(tokenizer_dir / path.name)
+    with pytest.raises(SystemExit):
+        vpt_main(["convert", str(tmp_path / "published"), str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert "no tokenizer files (one of ['tokenizer.json', 'vocab.json', 'tokenizer.model']" in error, error
+    assert "pass --tokenizer" in error and not (tmp_path / "out").exists()
+    vpt_main(["convert", str(tmp_path / "published"), str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)])
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()

@@ -81,14 +81,14 @@ def test_validate_reports_every_bad_row_by_index(image_dir, capsys):
     ]
     path = image_dir / "data.json"
     path.write_text(json.dumps(rows))
-    with pytest.raises(SystemExit, match="4 problem"):
+    with pytest.raises(SystemExit, match="3 bad row"):
         vpt(["data", "validate", str(path), "--media-dir", str(image_dir)])
-    out = capsys.readouterr().out
-    assert "row 1, images: 1 <image> placeholder(s) in the messages but 0 image(s)" in out
-    assert "row 2, images[0]:" in out and "is outside the 400x200 image" in out
-    assert "row 3, messages[1].content: grid token <|y_9|> is outside 0..7" in out
-    assert "row 3, seg_images[0]:" in out and "crop suffix '1,2' is not four integers" in out
-    assert "row 0" not in out
+    reported = capsys.readouterr().out.splitlines()[1:]  # after the line saying where paths resolve
+    assert len(reported) == 3  # one line per bad row, each problem of the row on it
+    assert reported[0] == f"{path}: row 1: images: 1 <image> placeholder(s) in the messages but 0 image(s)"
+    assert reported[1].startswith(f"{path}: row 2: images[0]:") and "is outside the 400x200 image" in reported[1]
+    assert reported[2].startswith(f"{path}: row 3: messages[1].content: grid token <|y_9|> is outside 0..7; ")
+    assert "seg_images[0]:" in reported[2] and "crop suffix '1,2' is not four integers" in reported[2]
 
 
 def test_crop_suffix_loads_that_crop(image_dir):
@@ -136,4 +136,56 @@ def test_validate_checks_boxes_in_their_units(image_dir, capsys):
     path.write_text(json.dumps([row, {**row, "boxes": [[0, 0, 500, 100]]}]))
     with pytest.raises(SystemExit):
         vpt(["data", "validate", str(path), "--media-dir", str(image_dir), "--box-units", "pixels"])
-    assert capsys.readouterr().out.splitlines() == [f"{path}: row 1, boxes[0]: [0, 0, 500, 100] is outside the 400x200 image"]
+    assert capsys.readouterr().out.splitlines()[1:] == [f"{path}: row 1: boxes[0]: [0, 0, 500, 100] is outside the 400x200 image"]
+
+
+def test_validate_resolves_images_as_llamafactory_does_from_any_folder(tmp_path, monkeypatch, capsys):
+    """Images are relative to the dataset_dir (the dataset_info.json's folder), not to where the command runs."""
+    data_dir = tmp_path / "data"
+    (data_dir / "split" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 32)).save(data_dir / "split" / "images" / "a.png")
+    row = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+           "images": ["split/images/a.png"]}
+    (data_dir / "split" / "rows.json").write_text(json.dumps([row]))
+    (data_dir / "dataset_info.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    vpt(["data", "validate", str(data_dir / "split" / "rows.json")])
+    out = capsys.readouterr().out
+    assert f"resolve against {data_dir}" in out and out.rstrip().endswith("no problems"), out
+    with pytest.raises(SystemExit, match="1 bad row"):  # --media-dir overrides
+        vpt(["data", "validate", str(data_dir / "split" / "rows.json"), "--media-dir", str(elsewhere)])
+    assert "row 0: images[0]: split/images/a.png: image file not found" in capsys.readouterr().out
+
+
+def test_validate_checks_a_dataset_info_entry_with_its_columns(tmp_path, capsys):
+    """``--dataset-info FILE --dataset NAME`` reads the rows exactly as a recipe's `dataset: NAME` will:
+    the entry's file, column names, tags, box units and masks; each bad row is reported once."""
+    data_dir = tmp_path / "data"
+    (data_dir / "images").mkdir(parents=True)
+    Image.new("RGB", (100, 50)).save(data_dir / "images" / "a.png")
+    Image.new("L", (100, 50)).save(data_dir / "images" / "a_mask.png")
+    Image.new("L", (10, 10)).save(data_dir / "images" / "small_mask.png")
+
+    def row(box, mask, image="images/a.png"):
+        return {"conversations": [{"from": "human", "value": "<image>Where?"}, {"from": "gpt", "value": "<|perception_box|>"}],
+                "pictures": [image], "regions": [box], "region_masks": [mask]}
+
+    rows = [row([10, 10, 60, 40], "images/a_mask.png"), row([10, 10, 160, 40], "images/a_mask.png"),
+            row([10, 10, 60, 40], "images/small_mask.png"), row([10, 10, 60, 40], None, image="images/gone.png")]
+    (data_dir / "grounding.json").write_text(json.dumps(rows))
+    entry = {"file_name": "grounding.json", "formatting": "vpt_sharegpt", "box_units": "pixels",
+             "columns": {"messages": "conversations", "images": "pictures", "boxes": "regions", "masks": "region_masks"}}
+    (data_dir / "dataset_info.json").write_text(json.dumps({"mine": entry}))
+    with pytest.raises(SystemExit, match="3 bad row"):
+        vpt(["data", "validate", "--dataset-info", str(data_dir / "dataset_info.json"), "--dataset", "mine"])
+    reported = [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert reported == [
+        "row 1: boxes[0]: [10, 10, 160, 40] is outside the 100x50 image",
+        f"row 2: masks[0]: mask {data_dir}/images/small_mask.png is 10x10 but the row's image is 100x50",
+        "row 3: images[0]: images/gone.png: image file not found",
+    ]
+    with pytest.raises(SystemExit):
+        vpt(["data", "validate", "--dataset-info", str(data_dir / "dataset_info.json"), "--dataset", "other"])
+    assert f"{data_dir}/dataset_info.json: no dataset 'other' (it has ['mine'])" in capsys.readouterr().err

@@ -71,14 +71,36 @@ def _data_convert(args) -> None:
 
 
 def _data_validate(args) -> None:
-    from .dataset_tools import validate_file
+    from .dataset import VPTDataError
+    from .dataset_tools import (
+        DatasetColumns,
+        dataset_entry,
+        default_media_dir,
+        validate_file,
+    )
 
-    problems = validate_file(args.file, args.media_dir, args.box_units)
+    if (args.dataset is None) != (args.dataset_info is None):
+        raise SystemExit("vpt data validate: give --dataset-info and --dataset together")
+    if (args.file is None) == (args.dataset is None):
+        raise SystemExit("vpt data validate: give a dataset FILE, or --dataset-info FILE --dataset NAME")
+    if args.dataset:
+        path, columns = dataset_entry(args.dataset_info, args.dataset)
+        media_dir = args.media_dir or args.dataset_info.parent  # LLaMA-Factory's media_dir defaults to dataset_dir
+    else:
+        path, columns = args.file, DatasetColumns(box_units=args.box_units)
+        media_dir = args.media_dir or default_media_dir(path)
+    if not path.is_file():
+        raise SystemExit(f"vpt data validate: {path}: no such file")
+    print(f"{path}: image and mask paths resolve against {media_dir}")
+    try:
+        problems = validate_file(path, media_dir, columns)
+    except (VPTDataError, json.JSONDecodeError) as error:
+        raise SystemExit(f"vpt data validate: {path}: {error}") from error
     for problem in problems:
-        print(f"{args.file}: {problem}")
+        print(f"{path}: {problem}")
     if problems:
-        raise SystemExit(f"vpt data validate: {len(problems)} problem(s) in {args.file}")
-    print(f"{args.file}: no problems")
+        raise SystemExit(f"vpt data validate: {len(problems)} bad row(s) in {path}")
+    print(f"{path}: no problems")
 
 
 def _convert(args) -> None:
@@ -89,6 +111,7 @@ def _convert(args) -> None:
         args.dst,
         detection_config=_encoder_config("dino", args.detection_config) if args.detection_config else None,
         seg_config=_encoder_config("sam", args.seg_config) if args.seg_config else None,
+        tokenizer=args.tokenizer,
     )
     print(f"converted {args.src} -> {out}")
 
@@ -179,11 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     data_convert.add_argument("--box-crop-margin", type=float, default=0.0,
                               help="continuous regions: crop the box widened by this share of its size (the recipe's box_crop_margin)")
     data_convert.set_defaults(run=_data_convert)
-    data_validate = data_commands.add_parser("validate", help="report every bad row of a released-format file")
-    data_validate.add_argument("file", type=Path)
-    data_validate.add_argument("--media-dir", help="directory image paths are relative to (LLaMA-Factory's media_dir)")
+    data_validate = data_commands.add_parser(
+        "validate", help="report every bad row of a released-format file, or of what a recipe's `dataset: NAME` reads")
+    data_validate.add_argument("file", type=Path, nargs="?", help="a dataset file (messages, images, branch columns)")
+    data_validate.add_argument("--dataset-info", type=Path,
+                               help="a dataset_info.json: check its entry --dataset with that entry's columns and box_units")
+    data_validate.add_argument("--dataset", help="the entry's key (what a recipe's `dataset:` names)")
+    data_validate.add_argument("--media-dir", type=Path,
+                               help="folder image paths are relative to (LLaMA-Factory's media_dir; default: the "
+                                    "dataset_dir, i.e. the folder of the dataset_info.json at or above the file)")
     data_validate.add_argument("--box-units", choices=("normalized", "pixels"), default="normalized",
-                               help="units of the `boxes` column (the dataset_info.json entry's box_units)")
+                               help="units of a FILE's `boxes` column (with --dataset, the entry's box_units)")
     data_validate.set_defaults(run=_data_validate)
 
     convert = commands.add_parser("convert", help="convert a checkpoint saved by the published VPT code")
@@ -191,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     convert.add_argument("dst", help="directory to write the converted checkpoint to")
     convert.add_argument("--detection-config", help="Dinov2Config JSON (default: dinov2-large)")
     convert.add_argument("--seg-config", help="SamVisionConfig JSON (default: sam-vit-large)")
+    convert.add_argument("--tokenizer", help="the tokenizer's folder or hub id, where src has no tokenizer files")
     convert.set_defaults(run=_convert)
 
     export = commands.add_parser(

@@ -82,11 +82,26 @@ def published_config(src: Path, detection_config=None, seg_config=None) -> VPTQw
     return VPTQwen2VLConfig(**fields)
 
 
-def convert_published_checkpoint(src, dst, detection_config=None, seg_config=None) -> Path:
+# A saved tokenizer has one of these (fast tokenizer, byte-level BPE vocabulary, sentencepiece model).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def published_tokenizer(src: Path, tokenizer: str | None):
+    """The checkpoint's tokenizer (with its VPT tokens): from ``tokenizer`` (a folder or hub id) if
+    given, else from ``src``, which must then hold the tokenizer files."""
+    if tokenizer is None and not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{src}: no tokenizer files (one of {list(TOKENIZER_FILES)}, with tokenizer_config.json); the published "
+            "code saves them beside the weights. Copy them from the training run, or pass --tokenizer with the "
+            "folder (or hub id) of the tokenizer the checkpoint was trained with, VPT tokens included")
+    return AutoTokenizer.from_pretrained(tokenizer or src)
+
+
+def convert_published_checkpoint(src, dst, detection_config=None, seg_config=None, tokenizer=None) -> Path:
     """Convert, check every key and shape, and save model (safetensors), tokenizer and processor."""
     src, dst = Path(src), Path(dst)
     config = published_config(src, detection_config, seg_config)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = published_tokenizer(src, tokenizer)
     check_token_ids(config, tokenizer)
 
     state = published_to_ours(read_published_weights(src))

@@ -213,6 +213,32 @@ def row_masks(masks, box_count: int, images: list | None) -> tuple[list[str], li
     return problems, masks
 
 
+def resolve_media(path: str, media_dir: str | None) -> str:
+    """An image or mask path as LLaMA-Factory's converter resolves it: joined to ``media_dir`` (the
+    dataset_dir by default) when that names a file, else as written; a crop suffix stays on."""
+    if not media_dir or not isinstance(path, str):
+        return path
+    try:
+        file, _ = split_crop(path)
+    except VPTDataError:
+        file = path  # the row's own check reports the bad suffix
+    joined = os.path.join(media_dir, file)
+    return joined + path[len(file) :] if os.path.isfile(joined) else path
+
+
+def check_row(contents: list[str], images: dict[str, list], boxes, masks, box_units: str = "normalized"
+              ) -> tuple[list[str], list, list]:
+    """Every check of one row (images, placeholders, grid tokens, boxes, masks); returns
+    ``(problems, normalised boxes, masks)``, the paths in ``images`` and ``masks`` already resolved."""
+    problems = row_problems(contents, images)
+    box_problems, boxes = row_boxes(contents, boxes, images.get(MAIN_IMAGES), box_units)
+    problems += [problem for problem in box_problems if problem not in problems]  # (pixel boxes re-open the first image)
+    if box_problems:
+        return problems, [], []
+    mask_problems, masks = row_masks(masks, len(boxes), images.get(MAIN_IMAGES))
+    return problems + mask_problems, boxes, masks
+
+
 def load_mask(path: str) -> torch.Tensor:
     """A mask image as a bool tensor ``(height, width)``: nonzero inside, or above 127 for masks
     drawn in 0..255."""

@@ -13,13 +13,22 @@ widened by ``--box-crop-margin`` of its size, as generation crops it with ``box_
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from .box_heads import box_crop_pixels
 from .branches import get_branch
-from .dataset import BOXES, MAIN_IMAGES, VPTDataError, row_boxes, row_problems
+from .dataset import (
+    BOXES,
+    MAIN_IMAGES,
+    MASKS,
+    VPTDataError,
+    check_row,
+    image_columns,
+    resolve_media,
+)
 from .vocabulary import (
     GRID_SIZE,
     IMAGE_PLACEHOLDER,
@@ -131,17 +140,70 @@ def convert_rows(source: Path, output: Path, box_format: str, branches: list[str
     return len(converted)
 
 
-def validate_file(path: Path, media_dir: str | None, box_units: str = "normalized") -> list[str]:
-    """Every problem of a released-format dataset file, as ``"row i, field: problem"`` (``box_units``:
-    those of its ``boxes`` column, as its dataset_info.json entry declares them)."""
+def default_media_dir(path: Path) -> Path:
+    """Where LLaMA-Factory will look for a dataset file's images: its ``dataset_dir`` (the nearest
+    folder at or above the file holding a dataset_info.json), else the file's own folder."""
+    folder = Path(path).resolve().parent
+    for candidate in (folder, *folder.parents):
+        if (candidate / "dataset_info.json").is_file():
+            return candidate
+    return folder
+
+
+@dataclass
+class DatasetColumns:
+    """How a dataset file's rows are read: its dataset_info.json entry's columns and tags."""
+
+    messages: str = "messages"
+    content_tag: str = "content"
+    box_units: str = "normalized"
+    images: dict = field(default_factory=lambda: {column: column for column in image_columns().values()})
+    boxes: str | None = BOXES
+    masks: str | None = MASKS
+
+
+def dataset_entry(dataset_info: Path, name: str) -> tuple[Path, DatasetColumns]:
+    """The file and columns a recipe's ``dataset: name`` reads from ``dataset_info`` (LLaMA-Factory's
+    own parser, with the plugin's columns)."""
+    from llamafactory.data.parser import get_dataset_list
+
+    try:
+        info = json.loads(Path(dataset_info).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise VPTDataError(f"{dataset_info}: cannot read it as dataset_info.json: {error}") from error
+    if name not in info:
+        raise VPTDataError(f"{dataset_info}: no dataset {name!r} (it has {sorted(info)})")
+    (attr,) = get_dataset_list([name], info)
+    if attr.load_from != "file":
+        raise VPTDataError(f"{dataset_info}, dataset {name}: loads from {attr.load_from}, not a local file")
+    columns = DatasetColumns(
+        messages=attr.messages, content_tag=attr.content_tag, box_units=attr.box_units,
+        images={column: getattr(attr, column, None) for column in image_columns().values()},
+        boxes=getattr(attr, BOXES, None), masks=getattr(attr, MASKS, None))
+    return Path(dataset_info).parent / attr.dataset_name, columns
+
+
+def validate_file(path: Path, media_dir: str | None = None, columns: DatasetColumns | None = None) -> list[str]:
+    """One line per bad row of a dataset file, ``"row i: field: problem; ..."``; image and mask
+    paths resolve as LLaMA-Factory resolves them (``media_dir``, default :func:`default_media_dir`)."""
+    columns = columns or DatasetColumns()
+    media_dir = str(media_dir or default_media_dir(path))
     report = []
     for index, row in enumerate(read_rows(path)):
-        messages = row.get("messages") or []
-        contents = [str(message.get("content", "")) for message in messages]
+        if not isinstance(row, dict):
+            report.append(f"row {index}: not a JSON object")
+            continue
+        messages = row.get(columns.messages) or []
+        contents = [str(message.get(columns.content_tag, "")) if isinstance(message, dict) else "" for message in messages]
         images = {}
-        for key, value in row.items():
-            if key.endswith("images") and isinstance(value, list):
-                images[key] = [os.path.join(media_dir, v) if media_dir and isinstance(v, str) else v for v in value]
-        problems = row_problems(contents, images) + row_boxes(contents, row.get(BOXES), images.get(MAIN_IMAGES), box_units)[0]
-        report += [f"row {index}, {problem}" for problem in problems]
+        for column, key in columns.images.items():
+            value = row.get(key) if key else None
+            images[column] = [resolve_media(v, media_dir) for v in value] if isinstance(value, list) else value
+        masks = row.get(columns.masks) if columns.masks else None
+        if isinstance(masks, list):
+            masks = [resolve_media(v, media_dir) for v in masks]
+        problems = check_row(contents, images, row.get(columns.boxes) if columns.boxes else None, masks,
+                             columns.box_units)[0]
+        if problems:
+            report.append(f"row {index}: " + "; ".join(problems))
     return report
