@@ -42,7 +42,7 @@ def apply_model_loader_patch(loader) -> None:
 
     def patch_config(config, tokenizer, model_args, init_kwargs, is_trainable):
         upstream["patch_config"](config, tokenizer, model_args, init_kwargs, is_trainable)
-        model_loading.set_token_ids(config, tokenizer)
+        model_loading.set_token_ids(config, tokenizer, model_args)
 
     def patch_model(model, tokenizer, model_args, is_trainable, add_valuehead):
         upstream["patch_model"](model, tokenizer, model_args, is_trainable, add_valuehead)

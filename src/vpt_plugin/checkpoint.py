@@ -172,6 +172,30 @@ def check_token_ids(config, tokenizer) -> None:
                 raise ValueError(f"config {key}={config_id} but the tokenizer has {token} {found}")
 
 
+def check_safetensors_folder(folder, what: str) -> None:
+    """Every ``*.safetensors`` file of ``folder`` (and every shard its index names) opens: a truncated
+    or corrupted file is named here, before anything loads, rather than deep inside the loader."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return  # a hub id: the hub's files are checked by their hashes
+    for index in folder.glob("*.safetensors.index.json"):
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"{what} {folder}: {index.name} names shards that are missing: {missing}")
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except SafetensorError as error:
+            raise ValueError(f"{what} {folder}: {file.name} is truncated or corrupted ({error}); copy or save it "
+                             "again (an interrupted save or download leaves such a file)") from None
+
+
 def check_state_dict(expected: dict[str, torch.Tensor], state_dict: dict, what: str) -> None:
     """Raise an error naming every missing, unexpected or mis-shaped key of ``state_dict``."""
     missing = sorted(set(expected) - set(state_dict))

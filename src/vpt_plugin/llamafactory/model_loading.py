@@ -19,6 +19,7 @@ from ..branches import get_branch
 from ..checkpoint import (
     NOT_CONFIG_FIELDS,
     add_vpt_tokens,
+    check_safetensors_folder,
     check_token_ids,
     init_new_token_rows,
     load_strict,
@@ -66,6 +67,10 @@ def vpt_config(config, model_args):
         vpt.builds_from_base = True
     else:
         return config
+    check_attention(model_args)
+    check_safetensors_folder(source, "model_name_or_path")
+    for adapter in model_args.adapter_name_or_path or []:
+        check_safetensors_folder(adapter, "adapter_name_or_path")
     for key, value in vpt.config_overrides().items():
         setattr(config, key, value)
     if config.num_inner_forward_run == 2 and getattr(model_args, "use_reentrant_gc", False):
@@ -74,6 +79,22 @@ def vpt_config(config, model_args):
         logger.info("VPT two-pass model: gradient checkpointing switched to non-reentrant")
         model_args.use_reentrant_gc = False
     return config
+
+
+# transformers 5.6.0's flash-attention-2 path is broken (fixed upstream in 5.7.0).
+FLASH_ATTENTION_2_FIXED_IN = "5.7.0"
+
+
+def check_attention(model_args) -> None:
+    """Refuse ``flash_attn: fa2`` on a transformers that crashes in it, saying what to use instead."""
+    import transformers
+    from packaging.version import Version
+
+    if str(model_args.flash_attn) == "fa2" and Version(transformers.__version__) < Version(FLASH_ATTENTION_2_FIXED_IN):
+        raise ValueError(
+            f"recipe key flash_attn: fa2: transformers {transformers.__version__}'s flash-attention-2 path crashes "
+            f"(fixed in {FLASH_ATTENTION_2_FIXED_IN}, which LLaMA-Factory 0.9.5 does not allow); set `flash_attn: sdpa` "
+            "(PyTorch's fused attention, which uses flash kernels on GPU) or leave the key out")
 
 
 def enable_generation(model, model_args, is_trainable: bool) -> None:
@@ -101,14 +122,18 @@ def enable_generation(model, model_args, is_trainable: bool) -> None:
     model.vpt_perception = PerceptionInputs(processor, prepare_image=plugin.prepare_for_generation(processor))
 
 
-def set_token_ids(config, tokenizer) -> None:
+def set_token_ids(config, tokenizer, model_args) -> None:
     """Fill the config's missing VPT token ids from the tokenizer; check the ones it has against it."""
     if not isinstance(config, VPTConfigMixin):
         return
     for key, value in vpt_token_ids(tokenizer, config.vision_encoder_ls).items():
         if getattr(config, key, None) is None:
             setattr(config, key, value)
-    check_token_ids(config, tokenizer)
+    try:
+        check_token_ids(config, tokenizer)
+    except ValueError as error:
+        raise ValueError(f"model_name_or_path {model_args.model_name_or_path}: {error}; the config.json and the "
+                         "tokenizer files come from different checkpoints") from None
     config.check_forward_settings()
 
 
@@ -125,7 +150,7 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
     # has no action tokens): the missing ones are added, and their rows initialised on load.
     vpt.rows_before = len(tokenizer)
     vpt.new_token_ids = add_vpt_tokens(tokenizer, config.vision_encoder_ls, config.box_heads)
-    set_token_ids(config, tokenizer)
+    set_token_ids(config, tokenizer, model_args)
     configure_metric(tokenizer, vpt, config.vision_encoder_ls)
     if processor is not None:
         processor.vpt_config = config
