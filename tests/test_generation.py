@@ -1,5 +1,6 @@
 """One-call VPT generation against the two-round reference flow, and every malformed token sequence."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,7 +12,12 @@ from scripted import ScriptedTurns, prompt_batch
 from vpt_plugin.branches import VPTInputError
 from vpt_plugin.conversation import encode_conversation
 from vpt_plugin.dataset import open_image
-from vpt_plugin.generation import DecodeSettings, PerceptionInputs, VPTGenerator, two_round_reference
+from vpt_plugin.generation import (
+    DecodeSettings,
+    PerceptionInputs,
+    VPTGenerator,
+    two_round_reference,
+)
 from vpt_plugin.perception import PerceptionVocabulary, read_perception
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -107,7 +113,8 @@ def test_round_two_is_laid_out_as_the_published_conversation(model, processor):
     for k, row in enumerate(rows):
         first = row["messages"][1]["content"]
         script.add(batch["prompts"][k], {0: first + END if first.startswith(RS) else first.split("|>")[0] + "|>"})
-    settings = DecodeSettings.from_config(model.generation_config, 0, script.as_list())
+    settings = DecodeSettings.from_config(model, copy.deepcopy(model.generation_config), batch["input_ids"],
+                                          script.as_list())
     settings.max_new_tokens, settings.do_sample = MAX_NEW_TOKENS, False
     generator = VPTGenerator(model, PerceptionInputs(processor), settings, True, 1)
     with torch.no_grad():
@@ -252,6 +259,30 @@ def test_generate_names_what_it_cannot_take(model, processor):
         model.generate(**inputs, processor=processor, detection_images=torch.zeros(1, 3, 224, 224), max_new_tokens=2)
     with pytest.raises(VPTInputError, match="num_beams"):
         model.generate(**inputs, processor=processor, num_beams=2, max_new_tokens=2)
+    with pytest.raises(VPTInputError, match=r"cannot honour stop_strings=\['\.'\] \(VPT generation stops at the eos "
+                                            r"tokens and max_new_tokens only\); output_scores=True"):
+        model.generate(**inputs, processor=processor, stop_strings=["."], output_scores=True, max_new_tokens=2)
+
+
+def test_generation_options_act_as_in_transformers_generate(model, processor):
+    """Options VPT generation once dropped silently (bad words, n-gram blocking, suppression) now
+    shape the answer, through the processors transformers' generate builds from the same options."""
+    batch = prompt_batch(processor, model.config, ["Describe it."], [Image.new("RGB", (224, 224), (90, 30, 30))])
+    inputs = {k: v for k, v in batch.items() if k not in ("prompts", "image_token_id")}
+    prompt = inputs["input_ids"].shape[1]
+
+    def answer(**options):
+        with torch.no_grad():
+            out = model.generate(**inputs, processor=processor, vpt_images=[Image.new("RGB", (224, 224), (90, 30, 30))],
+                                 allow_perception=False, do_sample=False, max_new_tokens=8, **options)
+        return out[0, prompt:].tolist()
+
+    plain = answer()
+    assert answer(bad_words_ids=[[plain[0]]])[0] != plain[0]
+    assert answer(suppress_tokens=[plain[0]])[0] != plain[0]
+    blocked = answer(no_repeat_ngram_size=1)
+    assert len(set(blocked)) == len(blocked) and not set(blocked) & set(inputs["input_ids"][0].tolist())
+    assert answer(repetition_penalty=1.0) == plain
 
 
 @pytest.mark.parametrize("first_turn", [RS + "<|x_2|><|y_5|>" + RE + END, "<|clip_action_start|>"])
@@ -263,7 +294,8 @@ def test_the_answer_continues_round_one_without_computing_any_position_twice(mod
     computed = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: computed.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
-    settings = DecodeSettings.from_config(model.generation_config, 0, script.as_list())
+    settings = DecodeSettings.from_config(model, copy.deepcopy(model.generation_config), batch["input_ids"],
+                                          script.as_list())
     settings.max_new_tokens, settings.do_sample = MAX_NEW_TOKENS, False
     try:
         with torch.no_grad():

@@ -18,15 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import (
-    DynamicCache,
-    GenerationConfig,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
 from .box_heads import mask_from_logits, mask_to_runs
 from .branches import VPTInputError, get_branch
@@ -107,6 +99,37 @@ class VPTGenerateOutput:
 # ---------------------------------------------------------------------------- settings
 
 
+# Generation options the one-call loop cannot honour: option -> (its neutral values, why).
+UNSUPPORTED_OPTIONS = {
+    "num_beams": ((None, 1), "beam search keeps several hypotheses per row; VPT decodes one"),
+    "num_beam_groups": ((None, 1), "group beam search is beam search"),
+    "diversity_penalty": ((None, 0.0), "it applies to group beam search"),
+    "constraints": ((None,), "constrained decoding is beam search"),
+    "force_words_ids": ((None,), "constrained decoding is beam search"),
+    "num_return_sequences": ((None, 1), "VPT decodes one answer per row; repeat the row for more"),
+    "guidance_scale": ((None, 1.0), "classifier-free guidance runs a second model call per step that knows no perception"),
+    "penalty_alpha": ((None, 0.0), "contrastive search needs its own forward per candidate"),
+    "dola_layers": ((None,), "DoLa reads early-exit logits of a plain forward"),
+    "prompt_lookup_num_tokens": ((None,), "assisted decoding verifies drafts with a plain forward"),
+    "assistant_early_exit": ((None,), "assisted decoding verifies drafts with a plain forward"),
+    "token_healing": ((None, False), "it rewrites the prompt's last tokens"),
+    "stop_strings": ((None,), "VPT generation stops at the eos tokens and max_new_tokens only"),
+    "max_time": ((None,), "VPT generation stops at the eos tokens and max_new_tokens only"),
+    "output_scores": ((None, False), "VPT generation returns sequences and traces"),
+    "output_logits": ((None, False), "VPT generation returns sequences and traces"),
+    "output_attentions": ((None, False), "VPT generation returns sequences and traces"),
+    "output_hidden_states": ((None, False), "VPT generation returns sequences and traces"),
+}
+
+
+def check_generation_options(config: GenerationConfig) -> None:
+    """Refuse, naming each, the generation options VPT generation cannot honour."""
+    refused = [f"{name}={getattr(config, name)!r} ({why})" for name, (neutral, why) in UNSUPPORTED_OPTIONS.items()
+               if getattr(config, name, None) not in neutral]
+    if refused:
+        raise VPTInputError("VPT generation cannot honour " + "; ".join(refused))
+
+
 @dataclass
 class DecodeSettings:
     max_new_tokens: int
@@ -116,26 +139,23 @@ class DecodeSettings:
     processors: LogitsProcessorList
 
     @classmethod
-    def from_config(cls, config: GenerationConfig, input_length: int, extra=None) -> "DecodeSettings":
-        if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
-            raise VPTInputError("VPT generation decodes one sequence per row: num_beams and num_return_sequences must be 1")
+    def from_config(cls, model, config: GenerationConfig, input_ids: torch.Tensor, extra=None) -> "DecodeSettings":
+        """Decoding settings of ``generate``: the logits processors and warpers are transformers' own,
+        built from ``config`` by the model's ``GenerationMixin`` as its ``generate`` builds them (every
+        option: penalties, n-gram blocking, bad words, min length, suppression, min_p, typical_p, ...)."""
+        check_generation_options(config)
+        input_length = input_ids.shape[1]
         max_new_tokens = config.max_new_tokens
         if max_new_tokens is None:
             max_new_tokens = max((config.max_length or 20) - input_length, 1)
+        # GenerationMixin's own preparation (private, pinned transformers): eos/pad tensors the processors read.
+        model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
+        processors = model._get_logits_processor(config, input_ids_seq_length=input_length, encoder_input_ids=input_ids,
+                                                 logits_processor=LogitsProcessorList(extra or []),
+                                                 device=input_ids.device, model_kwargs={})
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         pad = config.pad_token_id if config.pad_token_id is not None else next(iter(eos_ids), 0)
-        processors = LogitsProcessorList()
-        if config.repetition_penalty not in (None, 1.0):
-            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-        if config.do_sample:
-            if config.temperature not in (None, 1.0):
-                processors.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k:
-                processors.append(TopKLogitsWarper(config.top_k))
-            if config.top_p is not None and config.top_p < 1.0:
-                processors.append(TopPLogitsWarper(config.top_p))
-        processors.extend(extra or [])
         return cls(max_new_tokens, eos_ids, pad, bool(config.do_sample), processors)
 
 

@@ -358,7 +358,7 @@ class VPTModelMixin:
         if perception_inputs is None:
             raise VPTInputError("VPT generation needs the model's processor: generate(..., processor=processor)")
         images = _images_per_row(vpt_images, vpt_image_sizes, input_ids.shape[0])
-        settings = DecodeSettings.from_config(generation_config, input_ids.shape[1], logits_processor)
+        settings = DecodeSettings.from_config(self, generation_config, input_ids, logits_processor)
         generator = VPTGenerator(self, perception_inputs, settings, allow_perception, max_perception_rounds, streamer)
         if streamer is not None:
             streamer.put(input_ids.cpu())
