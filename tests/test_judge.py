@@ -300,3 +300,38 @@ def test_config_from_settings_names_what_is_missing(monkeypatch):
 )
 def test_parse_score(reply, expected):
     assert parse_score(reply) == expected
+
+
+def test_evaluation_writes_each_verdict_as_it_arrives_and_never_asks_twice(judge_server, tmp_path):
+    """A run killed while judging loses only the calls in flight; a re-run asks nothing already
+    answered; unscored answers are asked again only on request, leaving one line per answer."""
+    from vpt_plugin.evaluation.runner import judge, judge_coverage_table, read_jsonl
+
+    predictions = [{"index": k, **item} for k, item in enumerate(make_items("score 0.5", "score 1", "hang 1"))]
+    out = tmp_path / "judge.jsonl"
+    config = make_config(judge_server, timeout_s=30, max_retries=0)
+    worker = threading.Thread(target=judge, args=(predictions, out, config))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while len(read_jsonl(out)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Two verdicts are on disk while the third request still hangs: a kill now would lose only that one.
+    assert sorted(read_jsonl(out)) == [0, 1] and judge_server.in_flight == 1
+    judge_server.released.set()  # the hanging request ends without a reply
+    worker.join(30)
+    verdicts = read_jsonl(out)
+    assert verdicts[2]["score"] is None and verdicts[2]["error"].startswith("connection error")
+
+    asked = len(judge_server.requests)
+    judge(predictions, out, config)
+    assert len(judge_server.requests) == asked  # nothing asked again
+
+    judged = judge(predictions, out, config, retry_unscored=True)
+    assert judge_server.requests_for("hang 1") == 2 and len(judge_server.requests) == asked + 1
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2]
+    assert [j["score"] for j in judged] == [0.5, 1.0, None]
+
+    table = {"m": {"d": {"items": 3, "judge_mean": 0.75, "judge_scored": 2, "judge_unscored": 1,
+                         "judge_errors": {"connection error": 1}}}}
+    assert "| m | d | 75.0 | 2 of 3 | connection error: 1 |" in judge_coverage_table(table)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -100,14 +101,17 @@ def parse_score(reply: str) -> float | None:
     return score if 0.0 <= score <= 1.0 else None
 
 
-def judge_answers(items: list[dict], config: JudgeConfig, progress: bool = True) -> list[JudgeResult]:
-    """Score each {"question", "answer", "reference"} item with the judge; results in item order."""
+def judge_answers(items: list[dict], config: JudgeConfig, progress: bool = True,
+                  on_result: Callable[[int, JudgeResult], None] | None = None) -> list[JudgeResult]:
+    """Score each {"question", "answer", "reference"} item with the judge; results in item order.
+
+    ``on_result(position, result)`` is called as each result arrives (to write it at once)."""
     items = list(items)
     for index, item in enumerate(items):
         missing = [key for key in ITEM_KEYS if key not in item]
         if missing:
             raise ValueError(f"item {index} lacks {', '.join(missing)}")
-    judging = _judge_all(items, config, progress)
+    judging = _judge_all(items, config, progress, on_result)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -134,7 +138,7 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
-async def _judge_all(items: list[dict], config: JudgeConfig, progress: bool) -> list[JudgeResult]:
+async def _judge_all(items: list[dict], config: JudgeConfig, progress: bool, on_result=None) -> list[JudgeResult]:
     semaphore = asyncio.Semaphore(config.concurrency)
     # Retries are ours (max_retries=0 here), so each result can say how many attempts it took.
     client = openai.AsyncOpenAI(
@@ -146,12 +150,14 @@ async def _judge_all(items: list[dict], config: JudgeConfig, progress: bool) -> 
     async with client:
         with tqdm(total=len(items), desc="LLM judge", unit="answer", disable=not progress) as bar:
 
-            async def judge_and_count(item: dict) -> JudgeResult:
+            async def judge_and_count(position: int, item: dict) -> JudgeResult:
                 result = await _judge_one(client, semaphore, item, config)
+                if on_result is not None:
+                    on_result(position, result)
                 bar.update()
                 return result
 
-            results = await asyncio.gather(*(judge_and_count(item) for item in items))
+            results = await asyncio.gather(*(judge_and_count(k, item) for k, item in enumerate(items)))
     summary = summarize(results)
     if summary["unscored"]:
         logger.warning("%d of %d answers unscored: %s", summary["unscored"], len(results), summary["errors"])

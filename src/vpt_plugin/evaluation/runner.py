@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -65,6 +66,8 @@ def load_settings(args, repo: Path) -> dict:
             settings[key] = getattr(args, key)
     if args.compare_no_perception:
         settings["compare_no_perception"] = True
+    if args.retry_unscored:
+        settings["retry_unscored"] = True
     if args.max_new_tokens is not None:
         settings["generation"] = {**(settings.get("generation") or {}), "max_new_tokens": args.max_new_tokens}
     settings.setdefault("dataset_dir", str(repo / "data"))
@@ -175,9 +178,12 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def _rewrite_complete(path: Path, done: dict) -> None:
-    # Drop a line cut short by an interruption before appending after it.
+    """One line per item (a line cut short by an interruption, or superseded, dropped), replaced
+    atomically so a kill while rewriting loses nothing."""
     if path.is_file():
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+        os.replace(partial, path)
 
 
 def predict(model, processor, items, out: Path, settings: dict, allow_perception: bool, desc: str) -> list[dict]:
@@ -200,16 +206,24 @@ def predict(model, processor, items, out: Path, settings: dict, allow_perception
     return [done[item["index"]] for item in items]
 
 
-def judge(predictions: list[dict], out: Path, config: JudgeConfig) -> list[dict]:
+def judge(predictions: list[dict], out: Path, config: JudgeConfig, retry_unscored: bool = False) -> list[dict]:
+    """The judge's verdict on each prediction, appended to ``out`` as it arrives: a re-run asks only
+    what has no line yet, and with ``retry_unscored`` the answers the judge could not score; the
+    file is left with one line per answer."""
     done = read_jsonl(out)
     _rewrite_complete(out, done)
-    # Unscored answers are asked again on a re-run; scored ones are kept.
-    todo = [p for p in predictions if p["index"] not in done or done[p["index"]]["score"] is None]
-    results = judge_answers([{k: p[k] for k in ("question", "answer", "reference")} for p in todo], config)
-    records = [{"index": p["index"], "score": r.score, "error": r.error, "attempts": r.attempts}
-               for p, r in zip(todo, results)]
-    append_jsonl(out, records)
-    done.update((r["index"], r) for r in records)
+    todo = [p for p in predictions if p["index"] not in done or (retry_unscored and done[p["index"]]["score"] is None)]
+    retried = any(p["index"] in done for p in todo)
+
+    def write(position: int, result) -> None:
+        record = {"index": todo[position]["index"], "score": result.score, "error": result.error,
+                  "attempts": result.attempts}
+        append_jsonl(out, [record])
+        done[record["index"]] = record
+
+    judge_answers([{k: p[k] for k in ("question", "answer", "reference")} for p in todo], config, on_result=write)
+    if retried:
+        _rewrite_complete(out, done)  # each retried answer left its earlier line behind
     return [done[p["index"]] for p in predictions]
 
 
@@ -263,7 +277,7 @@ def score_predictions(predictions, dataset_name, settings, judge_config, out: Pa
     if judge_config:
         from .judge import JudgeResult
 
-        judged = judge(predictions, out / "judge.jsonl", judge_config)
+        judged = judge(predictions, out / "judge.jsonl", judge_config, bool(settings.get("retry_unscored")))
         summary = summarize([JudgeResult(j["score"], None, j["error"], j["attempts"]) for j in judged])
         scores.update(judge_mean=summary["mean_score"], judge_scored=summary["scored"],
                       judge_unscored=summary["unscored"], judge_errors=summary["errors"])
@@ -385,7 +399,7 @@ def write_summary(table: dict, output_dir: Path, score_key: str) -> None:
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([row[0], *map(show, row[1:])]) + " |" for row in rows]
-    markdown = f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n\n" + looks_table(table)
+    markdown = f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n\n" + judge_coverage_table(table) + looks_table(table)
     (output_dir / "summary.md").write_text(markdown)
     with open(output_dir / "summary.csv", "w", newline="") as out:
         writer = csv.writer(out)
@@ -393,6 +407,24 @@ def write_summary(table: dict, output_dir: Path, score_key: str) -> None:
         writer.writerows([[row[0], *("" if v is None else f"{v:.6f}" for v in row[1:])] for row in rows])
     _bar_chart(rows, header, output_dir / "summary.png", what)
     print(markdown)
+
+
+def judge_coverage_table(table: dict) -> str:
+    """Markdown: per model and dataset, how many answers the judge mean covers and why the rest are
+    unscored (empty without a judge)."""
+    lines = []
+    for label, per_dataset in table.items():
+        for dataset, scores in per_dataset.items():
+            if "judge_scored" not in scores:
+                continue
+            why = ", ".join(f"{kind}: {count}" for kind, count in scores["judge_errors"].items()) or "-"
+            mean = "n/a" if scores["judge_mean"] is None else f"{100 * scores['judge_mean']:.1f}"
+            lines.append(f"| {label} | {dataset} | {mean} | {scores['judge_scored']} of {scores['items']} | {why} |")
+    if not lines:
+        return ""
+    header = ["Judge coverage (the mean is over scored answers only)", "",
+              "| model | dataset | judge mean | answers scored | unscored, by reason |", "|---|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n\n"
 
 
 def looks_table(table: dict) -> str:
@@ -482,6 +514,8 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device")
     parser.add_argument("--compare-no-perception", action="store_true",
                         help="also answer with perception tokens suppressed, to measure what VPT adds")
+    parser.add_argument("--retry-unscored", action="store_true",
+                        help="ask the judge again about answers it could not score in an earlier run")
     return parser
 
 
