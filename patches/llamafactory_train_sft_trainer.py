@@ -9,11 +9,14 @@ In training, ``compute_loss`` keeps the parts of a VPT model's loss (``lm_loss``
 ``box_giou``, ``mask_bce``, ``mask_dice``: the model output's fields) and ``log`` adds them beside ``loss``,
 each summed over the logging interval's micro-batches (this process's) and divided by their number, a
 micro-batch without boxes or masks adding 0: ``loss = lm_loss + w_box * (box_l1 + box_giou) + w_mask *
-(mask_bce + mask_dice)`` holds for the logged means too.
+(mask_bce + mask_dice)`` holds for the logged means too. ``_save`` of a LoRA adapter on a VPT model
+also writes the model's VPT settings beside it (``vpt_adapter_settings.json``), which loading the
+adapter on the plain base reads (vpt_plugin.llamafactory.model_loading.apply_adapter_settings).
 
 Why no public hook serves: the Seq2SeqTrainer's generate call returns token ids only, and
 ``save_predictions`` writes a fixed set of fields; the Trainer logs the total loss only, and a
-callback never sees the model's outputs.
+callback never sees the model's outputs; ``on_save`` callbacks run only for checkpoints, not for the
+final save, and know no output folder of their own.
 """
 
 import json
@@ -27,6 +30,7 @@ CHECKED_AGAINST = {
     "CustomSeq2SeqTrainer.save_predictions": "e18c978582e96d26",
     "CustomSeq2SeqTrainer.compute_loss": "c1102bcaea311b8c",
     "CustomSeq2SeqTrainer.log": "73b8e3acd21a7b73",  # transformers' Trainer.log (5.6.0)
+    "CustomSeq2SeqTrainer._save": "bf720120f407bab3",  # transformers' Trainer._save (5.6.0)
 }
 LOSS_PARTS = ("lm_loss", "box_l1", "box_giou", "mask_bce", "mask_dice")
 
@@ -38,6 +42,7 @@ def apply_sft_trainer_patch(trainer_module) -> None:
     upstream_save_predictions = trainer_class.save_predictions
     upstream_compute_loss = trainer_class.compute_loss
     upstream_log = trainer_class.log
+    upstream_save = trainer_class._save
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         result = upstream_compute_loss(self, model, inputs, return_outputs=True, **kwargs)
@@ -80,7 +85,19 @@ def apply_sft_trainer_patch(trainer_module) -> None:
             for record, trace in zip(records, traces):
                 out.write(json.dumps({**record, "vpt_trace": trace}, ensure_ascii=False) + "\n")
 
+    def _save(self, output_dir=None, state_dict=None):
+        upstream_save(self, output_dir, state_dict)
+        from vpt_plugin.llamafactory.model_loading import ADAPTER_SETTINGS_FILE
+
+        model = self.accelerator.unwrap_model(self.model)
+        settings = getattr(model, "vpt_adapter_settings", None)  # a PeftModel reads it from the model it wraps
+        if settings is not None and hasattr(model, "peft_config"):
+            path = os.path.join(output_dir or self.args.output_dir, ADAPTER_SETTINGS_FILE)
+            with open(path, "w", encoding="utf-8") as out:
+                json.dump(settings, out, indent=1)
+
     trainer_class.prediction_step = prediction_step
     trainer_class.save_predictions = save_predictions
     trainer_class.compute_loss = compute_loss
     trainer_class.log = log
+    trainer_class._save = _save

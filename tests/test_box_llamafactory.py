@@ -118,11 +118,10 @@ def runs(tmp_path_factory):
 
     predict = dict(model_name_or_path=root / "full", dataset_dir=data_dir, eval_dataset="detail_grounding_test",
                    output_dir=root / "predict", max_new_tokens=4)
-    export = {key: value for key, value in yaml.safe_load(RECIPE.read_text()).items()
-              if key in ("customize_model_class", "box_heads", "num_inner_forward_run", "image_max_pixels")}
-    export.update(mask_decoder=True, mask_decoder_size=32)
-    export.update(model_name_or_path=str(tiny["qwen3_vl"]), adapter_name_or_path=str(root / "lora"), template="vpt_qwen3_vl_nothink",
-                  finetuning_type="lora", infer_dtype="float32", export_dir=str(root / "exported"))
+    # The export names no VPT key: the adapter's saved settings rebuild the model it was trained on.
+    export = dict(model_name_or_path=str(tiny["qwen3_vl"]), adapter_name_or_path=str(root / "lora"),
+                  template="vpt_qwen3_vl_nothink", finetuning_type="lora", infer_dtype="float32", image_max_pixels=16384,
+                  export_dir=str(root / "exported"))
     (root / "export.yaml").write_text(yaml.safe_dump(export))
     test_image = data_dir / json.loads((data_dir / "detail" / "detail_grounding_test.json").read_text())[0]["images"][0]
     run_side_by_side({
@@ -140,13 +139,17 @@ def runs(tmp_path_factory):
              "scripts": ["<|region_token_start|><|perception_box|><|region_token_end|><|im_end|>", "<|perception_box|>"]}
     cases = {"before": {**probe, "path": str(root / "merged-before"), "out": str(root / "before")},
              "after": {**probe, "path": export["export_dir"], "out": str(root / "after"), "blocker": str(blocker.parent)}}
-    _merge_lora(tiny["qwen3_vl"], root / "lora", export, Path(cases["before"]["path"]))
+    # The reference: the same adapter merged on the model the training recipe's keys build, named in full.
+    recipe_keys = {key: value for key, value in yaml.safe_load(RECIPE.read_text()).items()
+                   if key in ("customize_model_class", "box_heads", "num_inner_forward_run", "box_crop_margin")}
+    _merge_lora(tiny["qwen3_vl"], root / "lora", {**export, **recipe_keys, "mask_decoder": True, "mask_decoder_size": 32},
+                Path(cases["before"]["path"]))
     run_side_by_side({name: ([sys.executable, "-c", PROBE, json.dumps(case)],
                              {"VPT_PLUGIN_DISABLE": "1", "HF_MODULES_CACHE": str(root / "modules")} if name == "after" else {})
                       for name, case in cases.items()}, root)
     for case in cases.values():
         case.update(json.loads(Path(case["out"] + ".json").read_text()), **load_file(case["out"] + ".safetensors"))
-    return {"root": root, **cases}
+    return {"root": root, "tiny": tiny, **cases}
 
 
 def _merge_lora(base, adapter, export_args, folder: Path) -> None:
@@ -216,3 +219,35 @@ def test_exported_lora_model_decodes_the_same_boxes_without_vpt_plugin(runs):
     region, answer = after["traces"]
     assert region["rounds"][0]["kind"] == "region" and len(region["rounds"][0]["boxes"]) == 1
     assert len(answer["answer_boxes"]) == 1 and len(answer["answer_masks"]) == 1
+
+
+def test_the_adapter_carries_its_vpt_settings_and_contradictions_are_named(runs, tmp_path):
+    from llamafactory.hparams import ModelArguments
+
+    from vpt_plugin.llamafactory.arguments import VPTArguments
+    from vpt_plugin.llamafactory.model_loading import ADAPTER_SETTINGS_FILE, apply_adapter_settings
+
+    adapter = runs["root"] / "lora"
+    saved = json.loads((adapter / ADAPTER_SETTINGS_FILE).read_text())
+    assert saved["customize_model_class"] == "vpt" and saved["box_heads"] is True and saved["mask_decoder_size"] == 32
+    assert saved["box_crop_margin"] == pytest.approx(0.16667)
+
+    def load_args(adapter_path, **keys):
+        model_args = ModelArguments(model_name_or_path=str(runs["tiny"]["qwen3_vl"]), adapter_name_or_path=str(adapter_path))
+        model_args.vpt = VPTArguments(**keys)
+        return model_args
+
+    with pytest.raises(ValueError, match=r"recipe key box_crop_margin: 0.5, but the adapter .*lora was trained with 0.16667"):
+        apply_adapter_settings(load_args(adapter, box_crop_margin=0.5))
+    agreeing = load_args(adapter, box_heads=True, num_inner_forward_run=1)
+    apply_adapter_settings(agreeing)
+    assert agreeing.vpt.mask_decoder is True and agreeing.vpt.customize_model_class == "vpt"
+
+    # An adapter saved without the settings (an older vpt-plugin) cannot silently load as a plain LoRA.
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (older / name).write_bytes((adapter / name).read_bytes())
+    with pytest.raises(ValueError, match=r"its weights hold VPT modules \(\['box_heads', 'mask_decoder'\]\) but it has "
+                                         r"no vpt_adapter_settings.json"):
+        apply_adapter_settings(load_args(older))

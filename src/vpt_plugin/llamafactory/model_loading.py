@@ -9,7 +9,9 @@ Two ways in:
   new token rows start as the mean of the old rows plus noise.
 """
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -42,11 +44,77 @@ def builds_vpt_model(config, model_args) -> bool:
     return not isinstance(config, VPTConfigMixin) and vpt_arguments(model_args).customize_model_class == VPT_MODEL_CLASS
 
 
+# Written beside a LoRA adapter: the VPT settings of the model it was trained on, so that export,
+# chat and predict rebuild that model from the base without the training recipe's keys.
+ADAPTER_SETTINGS_FILE = "vpt_adapter_settings.json"
+# Config fields that shape a VPT model (recipe keys of the same names).
+MODEL_SETTING_FIELDS = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
+                        "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
+                        "vit_layer_fusion")
+# Adapter weights of these modules mean the adapter was trained on a VPT model.
+VPT_MODULE_MARKERS = ("_projector.", "box_heads.", "mask_decoder.", "vit_fusion.")
+
+
+def adapter_settings(config, vpt: VPTArguments) -> dict:
+    """The recipe keys that rebuild this VPT model from its base: what :data:`ADAPTER_SETTINGS_FILE` holds."""
+    settings = {"customize_model_class": VPT_MODEL_CLASS, "vision_encoder_ls": ",".join(config.vision_encoder_ls)}
+    if vpt.vision_encoder_paths:
+        settings["vision_encoder_paths"] = vpt.vision_encoder_paths
+    settings.update({name: getattr(config, name) for name in MODEL_SETTING_FIELDS})
+    return settings
+
+
+def apply_adapter_settings(model_args) -> None:
+    """Fill the recipe's VPT keys from the settings saved beside each adapter; a key the recipe sets
+    to another value, or a VPT adapter saved without settings, is an error that names it."""
+    vpt = vpt_arguments(model_args)
+    for adapter in model_args.adapter_name_or_path or []:
+        path = Path(adapter) / ADAPTER_SETTINGS_FILE
+        if not path.is_file():
+            if Path(adapter).is_dir() and vpt.customize_model_class != VPT_MODEL_CLASS:
+                modules = _vpt_modules_in_adapter(Path(adapter))
+                if modules:
+                    raise ValueError(
+                        f"adapter_name_or_path {adapter}: its weights hold VPT modules ({modules}) but it has no "
+                        f"{ADAPTER_SETTINGS_FILE} (an older vpt-plugin saved it without); give the training "
+                        "recipe's VPT keys (customize_model_class: vpt, vision_encoder_ls, num_inner_forward_run, "
+                        "box_heads, ...) to rebuild the model it was trained on")
+            continue
+        saved = json.loads(path.read_text())
+        for key, value in saved.items():
+            given = getattr(vpt, key)
+            if given is None:
+                setattr(vpt, key, value)
+            elif not _same_setting(given, value):
+                raise ValueError(f"recipe key {key}: {given!r}, but the adapter {adapter} was trained with {value!r} "
+                                 f"({path}); leave the key out, or set it to the trained value")
+    vpt.__post_init__()  # the filled values get the recipe keys' checks and coercions
+
+
+def _same_setting(given, saved) -> bool:
+    if isinstance(saved, float) or isinstance(given, float):
+        return abs(float(given) - float(saved)) < 1e-9
+    if isinstance(saved, str) and isinstance(given, str):
+        return [v.strip() for v in given.split(",")] == [v.strip() for v in saved.split(",")]
+    return given == saved
+
+
+def _vpt_modules_in_adapter(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    found = set()
+    for file in folder.glob("adapter_model*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            found |= {marker.rstrip(".") for key in weights.keys() for marker in VPT_MODULE_MARKERS if marker in key}
+    return sorted(found)
+
+
 def vpt_config(config, model_args):
     """The config to load with: the checkpoint's, VPT-ified or given the recipe's VPT knobs.
 
     Token ids are filled in later, from the tokenizer (:func:`set_token_ids`).
     """
+    apply_adapter_settings(model_args)
     vpt = vpt_arguments(model_args)
     source = model_args.model_name_or_path
     if isinstance(config, VPTConfigMixin):
@@ -158,9 +226,12 @@ def prepare_tokenizer(tokenizer_module, base_config, model_args) -> None:
 
 
 def finish_new_model(model, tokenizer, model_args) -> None:
-    """Encoder weights of a VPT model built around a plain base, and rows of tokens added now."""
+    """Encoder weights of a VPT model built around a plain base, and rows of tokens added now; the
+    settings a LoRA adapter trained on it saves (``model.vpt_adapter_settings``, written by the trainer patch)."""
     config = model.config
     vpt = vpt_arguments(model_args)
+    if isinstance(config, VPTConfigMixin):
+        model.vpt_adapter_settings = adapter_settings(config, vpt)
     if not isinstance(config, VPTConfigMixin) or not (vpt.builds_from_base or vpt.new_token_ids):
         return
     if vpt.new_token_ids is None:
