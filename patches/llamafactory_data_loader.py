@@ -4,7 +4,10 @@ What changes: for datasets with ``formatting: vpt_sharegpt``, ``align_dataset`` 
 converter with ``with_indices=True``, so a bad row's error names its index, and with
 ``predict_with_generate`` tells the converter to keep each row's question and final answer
 only (the model runs its own perception turns). Other formattings go through upstream
-``align_dataset`` unchanged.
+``align_dataset`` unchanged. Any formatting: ``streaming: true`` on a local file with
+``dataloader_num_workers: 0`` (LLaMA-Factory's default) is refused with what to set, rather than
+ending in a bare ``StopIteration``: ``_load_single_dataset`` splits the file into that many shards,
+and zero shards is an empty stream.
 
 Why no public hook serves: converters are called one example at a time by
 ``llamafactory.data.converter.align_dataset`` with no index; ``_load_single_dataset`` calls
@@ -28,6 +31,11 @@ def apply_data_loader_patch(loader) -> None:
     upstream_align_dataset = loader.align_dataset
 
     def align_dataset(dataset, dataset_attr, data_args, training_args):
+        if data_args.streaming and dataset_attr.load_from == "file" and not training_args.dataloader_num_workers:
+            raise ValueError(
+                f"dataset {dataset_attr.dataset_name}: `streaming: true` reads a local file as "
+                "`dataloader_num_workers` shards (LLaMA-Factory 0.9.5), and with 0 workers the stream is empty; "
+                "set `dataloader_num_workers: 1` or more, or `streaming: false`")
         if dataset_attr.formatting != FORMATTING:
             return upstream_align_dataset(dataset, dataset_attr, data_args, training_args)
         # upstream align_dataset, plus with_indices
