@@ -18,6 +18,7 @@ from vpt_plugin.patches import check_upstream
 
 TARGET = "llamafactory.data.loader"
 CHECKED_AGAINST = {"_load_single_dataset": "832a51bcf55bc509"}
+CONVERTER_TARGET = "llamafactory.data.converter"
 CONVERTER_CHECKED_AGAINST = {"align_dataset": "b1410ac6622d147d"}
 
 

@@ -34,6 +34,7 @@ ON_IMPORT = {
     "llamafactory.train.sft.workflow": "vpt_plugin.patches.llamafactory_train_sft_workflow:apply_sft_workflow_patch",
     "llamafactory.train.sft.trainer": "vpt_plugin.patches.llamafactory_train_sft_trainer:apply_sft_trainer_patch",
     "llamafactory.train.tuner": "vpt_plugin.patches.llamafactory_train_tuner:apply_tuner_patch",
+    "llamafactory.api.app": "vpt_plugin.patches.llamafactory_api_app:apply_api_app_patch",
     # The command line and the torchrun workers' entry: how a VPT error ends the process.
     "llamafactory.cli": "vpt_plugin.llamafactory:report_vpt_errors_briefly",
     "llamafactory.launcher": "vpt_plugin.llamafactory:report_vpt_errors_briefly",

@@ -306,3 +306,24 @@ def test_the_answer_continues_round_one_without_computing_any_position_twice(mod
     assert len(row.trace.rounds) == 1
     # Every token of the final sequence but the last one chosen is computed exactly once.
     assert sum(computed) == len(row.tokens) - 1
+
+
+def test_generation_never_decodes_past_the_context(model, processor):
+    image = Image.new("RGB", (224, 224), (90, 30, 30))
+    batch = prompt_batch(processor, model.config, ["Describe it."], [image])
+    inputs = {k: v for k, v in batch.items() if k not in ("prompts", "image_token_id")}
+    prompt = inputs["input_ids"].shape[1]
+    text_config = model.config.get_text_config()
+    context = text_config.max_position_embeddings
+    try:
+        text_config.max_position_embeddings = prompt + 3
+        with torch.no_grad():
+            out = model.generate(**inputs, processor=processor, vpt_images=[image], allow_perception=False, do_sample=False,
+                                 max_new_tokens=50, return_dict_in_generate=True)
+        assert out.sequences.shape[1] <= prompt + 3
+        assert "reached the model's context of" in out.traces[0]["problem"]
+        text_config.max_position_embeddings = prompt
+        with pytest.raises(VPTInputError, match=f"prompts of {prompt} tokens leave no room in the model's context"):
+            model.generate(**inputs, processor=processor, vpt_images=[image], max_new_tokens=5)
+    finally:
+        text_config.max_position_embeddings = context

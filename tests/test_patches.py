@@ -28,8 +28,9 @@ def test_installed_llamafactory_is_the_code_each_patch_was_checked_against():
         f"for name in {sorted(PATCHES)!r}:\n"
         "    patch = importlib.import_module(name)\n"
         "    check_upstream(importlib.import_module(patch.TARGET), patch.CHECKED_AGAINST, name)\n"
-        "    for extra in [v for k, v in vars(patch).items() if k.endswith('_CHECKED_AGAINST') and k != 'CHECKED_AGAINST']:\n"
-        "        check_upstream(importlib.import_module('llamafactory.data.converter'), extra, name)\n"
+        "    for key in [k for k in vars(patch) if k.endswith('_CHECKED_AGAINST') and k != 'CHECKED_AGAINST']:\n"
+        "        target = getattr(patch, key.removesuffix('CHECKED_AGAINST') + 'TARGET')\n"
+        "        check_upstream(importlib.import_module(target), getattr(patch, key), name)\n"
         f"print('checked', {len(PATCHES)})\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

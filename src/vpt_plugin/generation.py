@@ -14,6 +14,7 @@ from scratch through the model's two-pass forward, one row at a time); in greedy
 both give the same text.
 """
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,9 @@ class VPTGenerateOutput:
 # ---------------------------------------------------------------------------- settings
 
 
+# Set when the process is shutting down (the API server's SIGTERM): every row ends at its next token.
+STOP_REQUESTED = threading.Event()
+
 # Generation options the one-call loop cannot honour: option -> (its neutral values, why).
 UNSUPPORTED_OPTIONS = {
     "num_beams": ((None, 1), "beam search keeps several hypotheses per row; VPT decodes one"),
@@ -167,7 +171,7 @@ def decide_turn(body: list[int], vocab, config, may_perceive: bool, has_image: b
     perception = read_perception(body, vocab, config.vision_encoder_ls, config.num_inner_forward_run == 2, decoded_boxes)
     problems = [perception.problem] if perception.problem else []
     if truncated:
-        problems.insert(0, "the turn hit max_new_tokens before it ended")
+        problems.insert(0, "the turn was cut off before it ended (max_new_tokens, the context, or a stop)")
         if perception.kind == REGION:
             problems.append("its regions were not acted on")
             perception.kind = None
@@ -290,6 +294,8 @@ class VPTGenerator:
         self.streamer = streamer
         self.vocab = PerceptionVocabulary.from_model(model.config, perception_inputs.tokenizer)
         self.device = model.device
+        # Positions past the text model's context were never trained: no row decodes beyond it.
+        self.context_length = model.config.get_text_config().max_position_embeddings
         self.cache = None
         self.mask = None  # (batch, cache columns): 1 where a column holds a real token
 
@@ -613,6 +619,10 @@ class VPTGenerator:
                 row.segment_done = True
             elif len(row.tokens) - row.segment_start >= self.settings.max_new_tokens:
                 row.segment_done = row.truncated = True
+            elif len(row.tokens) >= self.context_length or STOP_REQUESTED.is_set():
+                row.segment_done = row.truncated = True
+                row.trace.problem = (f"the row reached the model's context of {self.context_length} tokens"
+                                     if not STOP_REQUESTED.is_set() else "generation stopped: the process is shutting down")
 
     def _may_perceive(self, row: Row) -> bool:
         return self.allow_perception and len(row.trace.rounds) < self.max_rounds
@@ -636,7 +646,13 @@ class VPTGenerator:
         perception = decide_turn(body, self.vocab, self.config, self._may_perceive(row), row.source is not None,
                                  row.truncated, turn_boxes)
         if perception.problem:
-            row.trace.problem = perception.problem
+            row.trace.problem = "; ".join(p for p in (row.trace.problem, perception.problem) if p)
+        turn_ids = perception_turn(perception, body, row.source, self.inputs, self.config) if perception.kind else None
+        if turn_ids is not None and (len(row.tokens[: row.segment_start]) + len(turn_ids.ids) >= self.context_length
+                                     or STOP_REQUESTED.is_set()):
+            row.trace.problem = "; ".join(p for p in (row.trace.problem, "no room in the model's context for the "
+                                                      "perception turn, so it was not acted on") if p)
+            perception.kind, turn_ids = None, None
         if perception.kind is None:
             if self.streamer is not None and self._may_perceive(row):
                 self.streamer.put(torch.tensor(turn))
@@ -645,7 +661,7 @@ class VPTGenerator:
             row.trace.answer_boxes = [[round(v, 4) for v in box] for box in turn_boxes]
             row.trace.answer_masks = self._answer_masks(row, len(turn_boxes))
             return False
-        self._append_perception_turn(row, perception, body)
+        self._append_perception_turn(row, perception, body, turn_ids)
         return True
 
     def _answer_masks(self, row: Row, count: int) -> list[dict]:
@@ -663,8 +679,7 @@ class VPTGenerator:
         count = turn.count(self.vocab.box) if self.vocab.box is not None else 0
         return [box.tolist() for box in row.boxes[len(row.boxes) - count :]] if count else []
 
-    def _append_perception_turn(self, row: Row, perception: Perception, body: list[int]) -> None:
-        turn = perception_turn(perception, body, row.source, self.inputs, self.config)
+    def _append_perception_turn(self, row: Row, perception: Perception, body: list[int], turn: PerceptionTurn) -> None:
         tokens = row.tokens[: row.segment_start] + turn.ids
         if self.vocab.box is not None:
             written, replayed = body.count(self.vocab.box), turn.ids.count(self.vocab.box)

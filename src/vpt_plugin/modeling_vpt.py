@@ -357,6 +357,10 @@ class VPTModelMixin:
             perception_inputs = processor if isinstance(processor, PerceptionInputs) else PerceptionInputs(processor)
         if perception_inputs is None:
             raise VPTInputError("VPT generation needs the model's processor: generate(..., processor=processor)")
+        context = self.config.get_text_config().max_position_embeddings
+        if input_ids.shape[1] >= context:
+            raise VPTInputError(f"prompts of {input_ids.shape[1]} tokens leave no room in the model's context of "
+                                f"{context} tokens")
         images = _images_per_row(vpt_images, vpt_image_sizes, input_ids.shape[0])
         settings = DecodeSettings.from_config(self, generation_config, input_ids, logits_processor)
         generator = VPTGenerator(self, perception_inputs, settings, allow_perception, max_perception_rounds, streamer)
