@@ -187,42 +187,36 @@ def test_deepspeed_zero3_alignment_two_processes(dino_checkpoint, tmp_path):
     assert len(training_losses(tmp_path / "out")) == 2
 
 
-def reencoding_only_dataset(directory: Path) -> Path:
-    """The demo DINOv2 rows that re-encode (every micro-batch has branch images, as ZeRO-3 needs)."""
-    info = json.loads((REPO / "data" / "dataset_info.json").read_text())["vpt_demo_detection_train"]
-    rows = json.loads((REPO / "data" / info["file_name"]).read_text())
-    rows = [row for row in rows if row.get("detection_images")]
-    for row in rows:
-        for column in ("images", "detection_images"):
-            row[column] = [str(REPO / "data" / path) for path in row[column]]
-    directory.mkdir()
-    (directory / "reencoding.json").write_text(json.dumps(rows))
-    entry = {**info, "file_name": "reencoding.json"}
-    (directory / "dataset_info.json").write_text(json.dumps({"reencoding": entry}))
-    return directory
+def train_on_two_processes(recipe: Path, args: tuple, tmp_path: Path, env: dict) -> None:
+    """``llamafactory-cli train`` on two processes; the run must train and save. A gloo worker that
+    aborts in interpreter teardown after that (seen about one run in three here) is not a failure."""
+    code, log = cli(["llamafactory-cli", "train", str(recipe), *args], tmp_path, env=env)
+    if code != 0:
+        assert "***** train metrics *****" in log, log[-3000:]
+        tail = log[log.rindex("***** train metrics *****"):]
+        assert "terminate called without an active exception" in tail and "Traceback" not in tail.split("Failures:")[0], \
+            log[-3000:]
 
 
-@pytest.mark.parametrize("stage", ["ds_z2", "ds_z3"])
-def test_deepspeed_losses_equal_with_and_without_prefix_reuse(dino_checkpoint, tmp_path, stage):
-    """Two processes under ZeRO-2 (mixed rows) and ZeRO-3 (re-encoding rows), para masking on:
-    the reusing forward trains exactly as the straightforward one, step for step."""
-    settings = dict(
-        model_name_or_path=dino_checkpoint, max_steps=4, logging_steps=1, eval_strategy="'no'",
-        deepspeed=REPO / "configs" / "deepspeed" / f"{stage}.json",
-    )
-    if stage == "ds_z3":
-        data = reencoding_only_dataset(tmp_path / "data")
-        settings.update(dataset_dir=data, dataset="reencoding", eval_dataset="reencoding")
+def test_deepspeed_stages_and_prefix_reuse_train_mixed_rows_as_data_parallel_does(dino_checkpoint, tmp_path):
+    """Two processes on the demo's mixed rows (micro-batches with and without DINOv2 images and
+    actions), para masking on: ZeRO-2 and ZeRO-3, where every rank runs every module (blank inputs
+    where its micro-batch has no use for one), train exactly as plain data parallel (torch DDP) does,
+    with the reusing forward and the straightforward one, step for step."""
     env = {**ENV, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
     losses = {}
-    for reuse in (True, False):
-        out = tmp_path / f"reuse-{reuse}"
-        args = overrides(**settings, output_dir=out, reuse_first_pass=reuse)
-        run_recipe(DEMO / "dino_2_vpt.yaml", tmp_path / f"reuse-{reuse}.log", args, env=env)
-        losses[reuse] = training_losses(out)
-        assert json.loads((out / "config.json").read_text())["reuse_first_pass"] is reuse  # the recipe key took effect
-    assert len(losses[True]) == 4
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    for stage in ("ddp", "ds_z2", "ds_z3"):
+        for reuse in (True, False) if stage != "ddp" else (True,):
+            out = tmp_path / f"{stage}-reuse-{reuse}"
+            deepspeed = {} if stage == "ddp" else {"deepspeed": REPO / "configs" / "deepspeed" / f"{stage}.json"}
+            args = overrides(model_name_or_path=dino_checkpoint, max_steps=4, logging_steps=1, eval_strategy="'no'",
+                             output_dir=out, reuse_first_pass=reuse, **deepspeed)
+            train_on_two_processes(DEMO / "dino_2_vpt.yaml", args, tmp_path, env)
+            losses[stage, reuse] = training_losses(out)
+            assert json.loads((out / "config.json").read_text())["reuse_first_pass"] is reuse  # the recipe key took effect
+    assert len(losses["ddp", True]) == 4
+    for run, run_losses in losses.items():
+        assert run_losses == pytest.approx(losses["ddp", True], rel=1e-5), run
 
 
 def test_resumed_run_repeats_the_uninterrupted_losses(tiny, tmp_path):

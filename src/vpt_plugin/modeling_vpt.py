@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming, rename_source_key
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations.deepspeed import deepspeed_config
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
@@ -166,16 +166,11 @@ class VPTModelMixin:
         # plugin also hands to loss-only evaluation.
         kwargs.pop("vpt_images", None)
         kwargs.pop("vpt_image_sizes", None)
-        if self.training and is_deepspeed_zero3_enabled():
-            absent = [name for name in config.vision_encoder_ls if name not in branch_inputs]
-            if absent:
-                # ZeRO-3 gathers a module's weights collectively when it runs, so all ranks must run
-                # the same branch modules in the same order.
-                raise VPTInputError(
-                    f"DeepSpeed ZeRO-3 needs images for every branch {config.vision_encoder_ls} in every "
-                    f"micro-batch; this one has none for {absent}. Train mixed VPT data with ZeRO-2 "
-                    "(configs/deepspeed/ds_z2.json); ZeRO-3 suits alignment data, where every row has one."
-                )
+        # Under ZeRO-3 every rank runs every module, on a blank input where its micro-batch has no use
+        # for it. Such an output adds exactly zero where the real one would go (the embeddings, or `idle`
+        # for the loss), so that backward, too, reaches every module in the same order on every rank.
+        every_module = self._runs_every_module()
+        idle = []
 
         # The reference computes embeddings and every vision encoder without gradients.
         encoders_context = torch.no_grad() if config.reference_compat else nullcontext()
@@ -185,11 +180,22 @@ class VPTModelMixin:
             inputs_embeds, layer_sources, image_features = self._place_base_visuals(
                 input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
             )
-            features = {name: get_branch(name).encode(self, inputs) for name, inputs in branch_inputs.items()}
+            if every_module and pixel_values is None:
+                idle_images = self.encode_base_images(*self.dummy_base_image(inputs_embeds)).per_image
+                inputs_embeds = self._add_zero_of(inputs_embeds, idle_images)
+            features, idle_features = {}, {}
+            for name in self._branch_order():
+                if name in branch_inputs:
+                    features[name] = get_branch(name).encode(self, branch_inputs[name])
+                elif every_module:
+                    branch = get_branch(name)
+                    idle_features[name] = branch.encode(self, branch.dummy_inputs(self, inputs_embeds))
         box_mask = self._box_mask(input_ids, boxes)
         if box_mask is not None:
             # The same in both passes: a box token's embedding is its box's encoding.
             inputs_embeds = self._scatter(inputs_embeds, box_mask, self.box_heads.encode(boxes.to(inputs_embeds)))
+        elif every_module and config.box_heads:
+            inputs_embeds = self._add_zero_of(inputs_embeds, [self.box_heads.encode(inputs_embeds.new_zeros(1, 4))])
 
         if position_ids is None and not config.reference_compat:
             # Otherwise (reference) the language model falls back to 1-D positions, as the published code trains.
@@ -209,7 +215,12 @@ class VPTModelMixin:
             )
 
         # Features in the LLM hidden size, one tensor per image; pass 2 re-weights these same values.
-        projected = {name: self.branch_projector(name).project_features(f) for name, f in features.items()}
+        projected, idle_projected = {}, ({} if every_module else None)
+        for name in self._branch_order():
+            if name in features:
+                projected[name] = self.branch_projector(name).project_features(features[name])
+            elif name in idle_features:
+                idle_projected[name] = self.branch_projector(name).project_features(idle_features[name])
         pad_masks = {name: self._branch_pad_mask(name, input_ids, projected[name]) for name in projected}
         # Images of branches that re-encode with the base ViT get its per-layer features too.
         layer_sources += [(pad_masks[name], f.layers) for name, f in features.items() if isinstance(f, VisionFeatures)]
@@ -221,16 +232,23 @@ class VPTModelMixin:
             language_model_inputs.update(layer_features.language_model_inputs())
 
         outputs = None
+        idle_projections = [f for per_image in (idle_projected or {}).values() for f in per_image]
         if config.num_inner_forward_run == 1:
             for name, per_image in projected.items():
                 inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(per_image))
+            inputs_embeds = self._add_zero_of(inputs_embeds, idle_projections)
         else:
             first_pass_embeds = inputs_embeds
             for name, per_image in projected.items():
                 self._check_images_have_actions(name, pad_masks[name], per_image, action_masks)
                 first_pass_embeds = self._scatter(first_pass_embeds, pad_masks[name], torch.cat(per_image))
+            first_pass_embeds = self._add_zero_of(first_pass_embeds, idle_projections)
             para_mask = self._draw_para_mask(input_ids, projected, action_masks)
-            if not self._reuses_first_pass(continuing, use_cache, position_ids, attention_mask, kwargs):
+            reuse = self._reuses_first_pass(continuing, use_cache, position_ids, attention_mask, kwargs)
+            if every_module:
+                # Every rank takes the same path: the prefix-reusing one only when every rank has actions.
+                reuse = self._on_every_rank(reuse and bool(action_masks), inputs_embeds.device)
+            if not reuse:
                 first_pass_cache = copy.deepcopy(past_key_values) if past_key_values is not None else None
                 first_pass_states = self.model.language_model(
                     inputs_embeds=first_pass_embeds,
@@ -239,12 +257,12 @@ class VPTModelMixin:
                     **language_model_inputs,
                 ).last_hidden_state
                 inputs_embeds = self._second_pass_embeds(
-                    inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
+                    inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states, idle_projected
                 )
             elif action_masks:
                 hidden_states = self._two_passes_reusing_prefix(
                     first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask,
-                    position_ids, attention_mask, layer_features,
+                    position_ids, attention_mask, layer_features, idle_projected,
                 )
                 outputs = BaseModelOutputWithPast(last_hidden_state=hidden_states)
             # Otherwise no row perceives, so pass 2 would repeat pass 1: the one call below is both.
@@ -269,6 +287,11 @@ class VPTModelMixin:
                                                   image_features, image_grid_thw))
         elif masks is not None and any(mask is not None for mask in masks):
             raise VPTInputError("masks given but the model has no mask decoder; set the recipe key `mask_decoder: true`")
+        if every_module and config.box_heads and box_mask is None:
+            state = hidden_states.new_zeros(1, hidden_states.shape[-1])
+            idle.append(self.box_heads.decode(state))
+            if config.mask_decoder:
+                idle += self.mask_decoder(state, [state.new_zeros(1, 1, state.shape[-1])])
 
         loss = None
         if labels is not None:
@@ -284,6 +307,8 @@ class VPTModelMixin:
                 loss = loss + config.box_loss_weight * (box_outputs["box_l1"] + box_outputs["box_giou"])
             if "mask_bce" in box_outputs:
                 loss = loss + config.mask_loss_weight * (box_outputs["mask_bce"] + box_outputs["mask_dice"])
+            if idle:
+                loss = loss + 0.0 * sum(output.float().sum() for output in idle)
 
         return VPTCausalLMOutputWithPast(
             **box_outputs,
@@ -327,7 +352,12 @@ class VPTModelMixin:
         ``return_dict_in_generate=True`` a :class:`VPTGenerateOutput` holding each row's trace
         too; ``model.vpt_last_traces`` keeps the traces of the last call.
         """
-        from .generation import DecodeSettings, PerceptionInputs, VPTGenerateOutput, VPTGenerator
+        from .generation import (
+            DecodeSettings,
+            PerceptionInputs,
+            VPTGenerateOutput,
+            VPTGenerator,
+        )
 
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = generation_config.update(**kwargs)
@@ -381,6 +411,44 @@ class VPTModelMixin:
             return VPTGenerateOutput(sequences=sequences, traces=self.vpt_last_traces)
         return sequences
 
+    def _runs_every_module(self) -> bool:
+        """Whether this forward must run every module whatever its inputs: training with DeepSpeed ZeRO
+        on several processes. Under ZeRO-3 the ranks gather each module's weights together as it runs;
+        under ZeRO-1/2 they reduce gradients in one buffer filled in the order backward produces them
+        (measured: ZeRO-2 on mixed rows drifted from plain data parallel by 0.5% in four steps). Either
+        way every rank must run the same modules, forward and backward, in the same order."""
+        stage = ((deepspeed_config() or {}).get("zero_optimization") or {}).get("stage", 0)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.training and stage >= 1 and distributed and torch.distributed.get_world_size() > 1
+
+    @staticmethod
+    def _add_zero_of(embeds: torch.Tensor, outputs: list) -> torch.Tensor:
+        """``embeds`` plus zero times ``outputs``: unchanged, but the outputs' modules are in its graph."""
+        if not outputs:
+            return embeds
+        return embeds + 0.0 * sum(output.float().sum() for output in outputs).to(embeds.dtype)
+
+    @staticmethod
+    def _on_every_rank(flag: bool, device) -> bool:
+        """Whether ``flag`` holds on every process (one all-reduce; ``flag`` itself outside distributed runs)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return flag
+        value = torch.tensor([int(flag)], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
+
+    def _branch_order(self) -> list[str]:
+        """The model's branches in the order every forward runs them (the registry's)."""
+        return [name for name in BRANCHES if name in self.config.vision_encoder_ls]
+
+    def dummy_base_image(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smallest input of the base ViT, ``(pixel_values, grid_thw)``: one blank image of one merged patch."""
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        patch_values = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        grid_thw = torch.tensor([[1, merge, merge]], device=like.device)
+        return like.new_zeros(merge * merge, patch_values), grid_thw
+
     def _parameters_anchor(self, like: torch.Tensor) -> torch.Tensor:
         """A zero that depends on every trainable projector and box head parameter.
 
@@ -410,17 +478,29 @@ class VPTModelMixin:
 
     # ----------------------------------------------------------------- two passes
 
-    def _second_pass_embeds(self, inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states):
+    def _second_pass_embeds(self, inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states,
+                            idle_projected=None):
         """Pass 2's input embeddings: branch features re-weighted by the control states, para-masked
-        positions zeroed, and each action token's embedding replaced by its control state."""
+        positions zeroed, and each action token's embedding replaced by its control state. Branches
+        run only to keep ZeRO-3's ranks in step (``idle_projected``) re-weight too, adding zero."""
         # The control state of an action token is the pass-1 state just before it (its action_start).
         controls = {}
         for name, mask in action_masks.items():
             rows, cols = mask.nonzero(as_tuple=True)
             controls[name] = first_pass_states[rows, cols - 1]
-        for name, per_image in projected.items():
-            reweighted = self.branch_projector(name).reweight(per_image, controls[name])
-            inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(reweighted))
+        if idle_projected is not None:
+            # Zero controls that depend on pass 1 as real ones do, so backward runs through pass 1 on
+            # every rank and reaches each projector at the same point.
+            idle_control = first_pass_states[0, : self.config.projector_scale] * 0.0
+            if not action_masks:
+                inputs_embeds = self._add_zero_of(inputs_embeds, [idle_control])
+        for name in self._branch_order():
+            if name in projected:
+                reweighted = self.branch_projector(name).reweight(projected[name], controls[name])
+                inputs_embeds = self._scatter(inputs_embeds, pad_masks[name], torch.cat(reweighted))
+            elif idle_projected is not None and name in idle_projected:
+                reweighted = self.branch_projector(name).reweight(idle_projected[name], idle_control)
+                inputs_embeds = self._add_zero_of(inputs_embeds, reweighted)
         inputs_embeds = inputs_embeds.masked_fill(para_mask.unsqueeze(-1), 0)
         for name, mask in action_masks.items():
             inputs_embeds = self._scatter(inputs_embeds, mask, controls[name])
@@ -445,7 +525,7 @@ class VPTModelMixin:
 
     def _two_passes_reusing_prefix(
         self, first_pass_embeds, inputs_embeds, projected, pad_masks, action_masks, para_mask, position_ids,
-        attention_mask, layer_features,
+        attention_mask, layer_features, idle_projected=None,
     ):
         """The two passes' final hidden states, computing positions before the first change once.
 
@@ -463,7 +543,7 @@ class VPTModelMixin:
             first_pass_embeds[:, :first_pass_end], position_ids, attention_mask, layer_features, start=0
         )
         inputs_embeds = self._second_pass_embeds(
-            inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states
+            inputs_embeds, projected, pad_masks, action_masks, para_mask, first_pass_states, idle_projected
         )
         prefix_kv = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in first_pass_kv]
         suffix_states, _ = self._run_language_segment(

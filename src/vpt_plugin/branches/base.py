@@ -129,6 +129,11 @@ class VisionBranch:
         """Run the encoder on this branch's images; ``inputs`` holds ``pixel_key`` and ``extra_inputs``."""
         raise NotImplementedError
 
+    def dummy_inputs(self, model, like: torch.Tensor) -> dict:
+        """The smallest model inputs :meth:`encode` runs on (one blank image), with the device and dtype
+        of ``like``: under DeepSpeed ZeRO-3 a micro-batch without this branch's images still runs it."""
+        raise NotImplementedError
+
     def dummy_features(self, vpt_config, like: torch.Tensor):
         """The smallest raw encoder output the projector accepts (one image), for :meth:`project_features`,
         with the device and dtype of ``like``."""

@@ -36,6 +36,10 @@ class ClipBranch(VisionBranch):
             raise VPTInputError("clip_pixel_values given without clip_images_grid_thw")
         return model.encode_base_images(inputs[self.pixel_key], grid_thw)
 
+    def dummy_inputs(self, model, like):
+        pixel_values, grid_thw = model.dummy_base_image(like)
+        return {self.pixel_key: pixel_values, "clip_images_grid_thw": grid_thw}
+
     def dummy_features(self, vpt_config, like):
         return VisionFeatures([like.new_zeros(1, vpt_config.text_config.hidden_size)])
 

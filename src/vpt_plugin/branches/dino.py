@@ -51,6 +51,10 @@ class DinoBranch(VisionBranch):
         pixels = inputs[self.pixel_key].to(encoder.dtype)
         return encoder(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS: 256 tokens at 224x224
 
+    def dummy_inputs(self, model, like):
+        side = 2 * self.encoder_config(model.config).patch_size  # DINOv2 interpolates its positions to any size
+        return {self.pixel_key: like.new_zeros(1, 3, side, side)}
+
     def dummy_features(self, vpt_config, like):
         return like.new_zeros(1, 1, self.encoder_config(vpt_config).hidden_size)
 

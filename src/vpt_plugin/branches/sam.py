@@ -87,6 +87,10 @@ class SamBranch(VisionBranch):
         pixels = inputs[self.pixel_key].to(encoder.dtype)
         return encoder(pixel_values=pixels).last_hidden_state  # (images, 256, 64, 64)
 
+    def dummy_inputs(self, model, like):
+        side = self.encoder_config(model.config).image_size  # SAM's position embedding fixes the input size
+        return {self.pixel_key: like.new_zeros(1, 3, side, side)}
+
     def dummy_features(self, vpt_config, like):
         return like.new_zeros(1, self.encoder_config(vpt_config).output_channels, 4, 4)  # one 4x4 conv window
 
