@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from vpt_plugin.checkpoint import init_vpt_checkpoint
-from vpt_plugin.demo import reload_and_evaluate, run_recipe, training_losses
+from vpt_plugin.demo import final_eval_loss, reload_and_evaluate, run_recipe, training_losses
 from vpt_plugin.tiny import build_tiny_fixtures, tiny_encoder_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,19 +202,20 @@ def test_deepspeed_stages_and_prefix_reuse_train_mixed_rows_as_data_parallel_doe
     """Two processes on the demo's mixed rows (micro-batches with and without DINOv2 images and
     actions), para masking on: ZeRO-2 and ZeRO-3, where every rank runs every module (blank inputs
     where its micro-batch has no use for one), train exactly as plain data parallel (torch DDP) does,
-    with the reusing forward and the straightforward one, step for step."""
+    with the reusing forward and the straightforward one, step for step; the evaluation at the last
+    step (mixed test rows, ZeRO-3 gathering weights in evaluation too) gives the same loss."""
     env = {**ENV, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
     losses = {}
     for stage in ("ddp", "ds_z2", "ds_z3"):
         for reuse in (True, False) if stage != "ddp" else (True,):
             out = tmp_path / f"{stage}-reuse-{reuse}"
             deepspeed = {} if stage == "ddp" else {"deepspeed": REPO / "configs" / "deepspeed" / f"{stage}.json"}
-            args = overrides(model_name_or_path=dino_checkpoint, max_steps=4, logging_steps=1, eval_strategy="'no'",
+            args = overrides(model_name_or_path=dino_checkpoint, max_steps=4, logging_steps=1, eval_steps=4,
                              output_dir=out, reuse_first_pass=reuse, **deepspeed)
             train_on_two_processes(DEMO / "dino_2_vpt.yaml", args, tmp_path, env)
-            losses[stage, reuse] = training_losses(out)
+            losses[stage, reuse] = [*training_losses(out), final_eval_loss(out)]
             assert json.loads((out / "config.json").read_text())["reuse_first_pass"] is reuse  # the recipe key took effect
-    assert len(losses["ddp", True]) == 4
+    assert len(losses["ddp", True]) == 5 and losses["ddp", True][-1] is not None
     for run, run_losses in losses.items():
         assert run_losses == pytest.approx(losses["ddp", True], rel=1e-5), run
 

@@ -412,14 +412,17 @@ class VPTModelMixin:
         return sequences
 
     def _runs_every_module(self) -> bool:
-        """Whether this forward must run every module whatever its inputs: training with DeepSpeed ZeRO
-        on several processes. Under ZeRO-3 the ranks gather each module's weights together as it runs;
-        under ZeRO-1/2 they reduce gradients in one buffer filled in the order backward produces them
-        (measured: ZeRO-2 on mixed rows drifted from plain data parallel by 0.5% in four steps). Either
-        way every rank must run the same modules, forward and backward, in the same order."""
-        stage = ((deepspeed_config() or {}).get("zero_optimization") or {}).get("stage", 0)
+        """Whether this forward must run every module whatever its inputs: DeepSpeed ZeRO on several
+        processes. Under ZeRO-3 the ranks gather each module's weights together as it runs (training
+        and evaluation); in ZeRO-1/2 training they reduce gradients in one buffer filled in the order
+        backward produces them (measured: ZeRO-2 on mixed rows drifted from plain data parallel by 0.5%
+        in four steps). Either way every rank must run the same modules, forward and backward, in the
+        same order."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return self.training and stage >= 1 and distributed and torch.distributed.get_world_size() > 1
+        if not (distributed and torch.distributed.get_world_size() > 1):
+            return False
+        stage = ((deepspeed_config() or {}).get("zero_optimization") or {}).get("stage", 0)
+        return stage == 3 or (self.training and stage >= 1)
 
     @staticmethod
     def _add_zero_of(embeds: torch.Tensor, outputs: list) -> torch.Tensor:
