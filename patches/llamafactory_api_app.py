@@ -124,7 +124,7 @@ def apply_api_app_patch(app_module) -> None:
                 return await call_next(request)
             try:
                 await asyncio.wait_for(admitted.acquire(), timeout=wait_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
                 return JSONResponse(status_code=503, headers={"Retry-After": str(max(1, round(wait_s)))}, content={
                     "detail": f"the model is busy ({limit} request(s) at a time) and this one waited {wait_s:g} s "
                               f"({QUEUE_TIMEOUT_VARIABLE}); retry later"})

@@ -223,6 +223,7 @@ def test_exported_lora_model_decodes_the_same_boxes_without_vpt_plugin(runs):
 
 def test_the_adapter_carries_its_vpt_settings_and_contradictions_are_named(runs, tmp_path):
     from llamafactory.hparams import ModelArguments
+    from transformers import AutoConfig
 
     from vpt_plugin.llamafactory.arguments import VPTArguments
     from vpt_plugin.llamafactory.model_loading import ADAPTER_SETTINGS_FILE, apply_adapter_settings
@@ -232,22 +233,29 @@ def test_the_adapter_carries_its_vpt_settings_and_contradictions_are_named(runs,
     assert saved["customize_model_class"] == "vpt" and saved["box_heads"] is True and saved["mask_decoder_size"] == 32
     assert saved["box_crop_margin"] == pytest.approx(0.16667)
 
+    base_config = AutoConfig.from_pretrained(runs["tiny"]["qwen3_vl"])  # a plain base
+
     def load_args(adapter_path, **keys):
         model_args = ModelArguments(model_name_or_path=str(runs["tiny"]["qwen3_vl"]), adapter_name_or_path=str(adapter_path))
         model_args.vpt = VPTArguments(**keys)
         return model_args
 
     with pytest.raises(ValueError, match=r"recipe key box_crop_margin: 0.5, but the adapter .*lora was trained with 0.16667"):
-        apply_adapter_settings(load_args(adapter, box_crop_margin=0.5))
+        apply_adapter_settings(base_config, load_args(adapter, box_crop_margin=0.5))
     agreeing = load_args(adapter, box_heads=True, num_inner_forward_run=1)
-    apply_adapter_settings(agreeing)
+    apply_adapter_settings(base_config, agreeing)
     assert agreeing.vpt.mask_decoder is True and agreeing.vpt.customize_model_class == "vpt"
+    adjusted = load_args(adapter, box_loss_weight=2.0)  # a training knob may change, to go on training
+    apply_adapter_settings(base_config, adjusted)
+    assert adjusted.vpt.box_loss_weight == 2.0 and adjusted.vpt.box_heads is True
 
     # An adapter saved without the settings (an older vpt-plugin) cannot silently load as a plain LoRA.
     older = tmp_path / "older"
     older.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (older / name).write_bytes((adapter / name).read_bytes())
+    vpt_base = AutoConfig.from_pretrained(runs["root"] / "full")  # a VPT checkpoint's config carries the settings
+    apply_adapter_settings(vpt_base, load_args(older))
     with pytest.raises(ValueError, match=r"its weights hold VPT modules \(\['box_heads', 'mask_decoder'\]\) but it has "
                                          r"no vpt_adapter_settings.json"):
-        apply_adapter_settings(load_args(older))
+        apply_adapter_settings(base_config, load_args(older))

@@ -154,6 +154,9 @@ def test_validate_resolves_images_as_llamafactory_does_from_any_folder(tmp_path,
     vpt(["data", "validate", str(data_dir / "split" / "rows.json")])
     out = capsys.readouterr().out
     assert f"resolve against {data_dir}" in out and out.rstrip().endswith("no problems"), out
+    (data_dir / "split" / "one.json").write_text(json.dumps([{**row, "images": "split/images/a.png"}]))
+    vpt(["data", "validate", str(data_dir / "split" / "one.json")])  # one path, not a list: read as LLaMA-Factory does
+    assert capsys.readouterr().out.rstrip().endswith("no problems")
     with pytest.raises(SystemExit, match="1 bad row"):  # --media-dir overrides
         vpt(["data", "validate", str(data_dir / "split" / "rows.json"), "--media-dir", str(elsewhere)])
     assert "row 0: images[0]: split/images/a.png: image file not found" in capsys.readouterr().out

@@ -198,6 +198,7 @@ def validate_file(path: Path, media_dir: str | None = None, columns: DatasetColu
         images = {}
         for column, key in columns.images.items():
             value = row.get(key) if key else None
+            value = [value] if isinstance(value, str) else value  # one path, as LLaMA-Factory reads it
             images[column] = [resolve_media(v, media_dir) for v in value] if isinstance(value, list) else value
         masks = row.get(columns.masks) if columns.masks else None
         if isinstance(masks, list):

@@ -338,8 +338,8 @@ class VPTModelMixin:
 
         Takes what Qwen2-VL's ``generate`` takes for a batch of prompts (``input_ids``,
         ``attention_mask``, ``pixel_values``, ``image_grid_thw``, generation settings), plus:
-        ``logits_processor``: applied after the ones the generation settings make, as in
-        transformers. ``processor``: the model's processor (crops, branch images and the perception turn need
+        ``logits_processor``: merged with the ones the generation settings make as transformers'
+        ``generate`` merges them (before the sampling warpers). ``processor``: the model's processor (crops, branch images and the perception turn need
         it; LLaMA-Factory sets ``model.vpt_perception`` instead); ``vpt_images``: each row's
         original image (PIL, or None for a row without one), which crops and branches read;
         ``allow_perception=False``: never start a perception (its tokens are suppressed), to

@@ -51,6 +51,10 @@ ADAPTER_SETTINGS_FILE = "vpt_adapter_settings.json"
 MODEL_SETTING_FIELDS = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
                         "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
                         "vit_layer_fusion")
+# Saved settings a recipe may change when it loads the adapter (training knobs, where the encoders lie);
+# the others shape the model and must agree.
+ADJUSTABLE_SETTINGS = ("vision_encoder_paths", "para_mask_id", "para_mask_ratio", "reuse_first_pass",
+                       "box_loss_weight", "mask_loss_weight")
 # Adapter weights of these modules mean the adapter was trained on a VPT model.
 VPT_MODULE_MARKERS = ("_projector.", "box_heads.", "mask_decoder.", "vit_fusion.")
 
@@ -64,14 +68,16 @@ def adapter_settings(config, vpt: VPTArguments) -> dict:
     return settings
 
 
-def apply_adapter_settings(model_args) -> None:
-    """Fill the recipe's VPT keys from the settings saved beside each adapter; a key the recipe sets
-    to another value, or a VPT adapter saved without settings, is an error that names it."""
+def apply_adapter_settings(config, model_args) -> None:
+    """Fill the recipe's VPT keys from the settings saved beside each adapter. A key the recipe sets
+    to another value is an error that names it, unless it is one of :data:`ADJUSTABLE_SETTINGS`; so is
+    a VPT adapter saved without settings for a plain base (a VPT checkpoint's config carries them)."""
     vpt = vpt_arguments(model_args)
     for adapter in model_args.adapter_name_or_path or []:
         path = Path(adapter) / ADAPTER_SETTINGS_FILE
         if not path.is_file():
-            if Path(adapter).is_dir() and vpt.customize_model_class != VPT_MODEL_CLASS:
+            plain_base = not isinstance(config, VPTConfigMixin) and vpt.customize_model_class != VPT_MODEL_CLASS
+            if Path(adapter).is_dir() and plain_base:
                 modules = _vpt_modules_in_adapter(Path(adapter))
                 if modules:
                     raise ValueError(
@@ -85,7 +91,7 @@ def apply_adapter_settings(model_args) -> None:
             given = getattr(vpt, key)
             if given is None:
                 setattr(vpt, key, value)
-            elif not _same_setting(given, value):
+            elif key not in ADJUSTABLE_SETTINGS and not _same_setting(given, value):
                 raise ValueError(f"recipe key {key}: {given!r}, but the adapter {adapter} was trained with {value!r} "
                                  f"({path}); leave the key out, or set it to the trained value")
     vpt.__post_init__()  # the filled values get the recipe keys' checks and coercions
@@ -114,7 +120,7 @@ def vpt_config(config, model_args):
 
     Token ids are filled in later, from the tokenizer (:func:`set_token_ids`).
     """
-    apply_adapter_settings(model_args)
+    apply_adapter_settings(config, model_args)
     vpt = vpt_arguments(model_args)
     source = model_args.model_name_or_path
     if isinstance(config, VPTConfigMixin):
@@ -232,6 +238,14 @@ def finish_new_model(model, tokenizer, model_args) -> None:
     vpt = vpt_arguments(model_args)
     if isinstance(config, VPTConfigMixin):
         model.vpt_adapter_settings = adapter_settings(config, vpt)
+        if config.mask_decoder and is_deepspeed_zero3_enabled():
+            # It runs its parts once per decoded box; as a leaf ZeRO-3 gathers its weights once per call,
+            # so ranks with different numbers of boxes stay in step (LLaMA-Factory does this for MoE blocks).
+            from deepspeed.utils import set_z3_leaf_modules
+
+            from ..box_heads import MaskDecoder
+
+            set_z3_leaf_modules(model, [MaskDecoder])
     if not isinstance(config, VPTConfigMixin) or not (vpt.builds_from_base or vpt.new_token_ids):
         return
     if vpt.new_token_ids is None:
