@@ -226,7 +226,10 @@ def test_the_adapter_carries_its_vpt_settings_and_contradictions_are_named(runs,
     from transformers import AutoConfig
 
     from vpt_plugin.llamafactory.arguments import VPTArguments
-    from vpt_plugin.llamafactory.model_loading import ADAPTER_SETTINGS_FILE, apply_adapter_settings
+    from vpt_plugin.llamafactory.model_loading import (
+        ADAPTER_SETTINGS_FILE,
+        apply_adapter_settings,
+    )
 
     adapter = runs["root"] / "lora"
     saved = json.loads((adapter / ADAPTER_SETTINGS_FILE).read_text())
