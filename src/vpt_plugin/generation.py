@@ -256,6 +256,11 @@ class Row:
         return len(self.columns)
 
 
+def note_problem(row: Row, problem: str) -> None:
+    """Add ``problem`` to what the row's trace says went wrong."""
+    row.trace.problem = "; ".join(p for p in (row.trace.problem, problem) if p)
+
+
 def pad_runs(tokens: list[int], pad_id: int) -> list[tuple[int, int]]:
     """``(start, end)`` of each run of ``pad_id`` in ``tokens``: one image's features each."""
     runs, start = [], None
@@ -302,6 +307,9 @@ class VPTGenerator:
     # ------------------------------------------------------------ entry point
 
     def run(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, boxes=None) -> list[Row]:
+        if input_ids.shape[1] >= self.context_length:
+            raise VPTInputError(f"prompts of {input_ids.shape[1]} tokens leave no room in the model's context of "
+                                f"{self.context_length} tokens")
         rows = self._rows_from_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, images, boxes)
         phase = rows
         while phase:
@@ -619,10 +627,12 @@ class VPTGenerator:
                 row.segment_done = True
             elif len(row.tokens) - row.segment_start >= self.settings.max_new_tokens:
                 row.segment_done = row.truncated = True
-            elif len(row.tokens) >= self.context_length or STOP_REQUESTED.is_set():
+            elif STOP_REQUESTED.is_set():
                 row.segment_done = row.truncated = True
-                row.trace.problem = (f"the row reached the model's context of {self.context_length} tokens"
-                                     if not STOP_REQUESTED.is_set() else "generation stopped: the process is shutting down")
+                note_problem(row, "generation stopped: the process is shutting down")
+            elif len(row.tokens) >= self.context_length:
+                row.segment_done = row.truncated = True
+                note_problem(row, f"the row reached the model's context of {self.context_length} tokens")
 
     def _may_perceive(self, row: Row) -> bool:
         return self.allow_perception and len(row.trace.rounds) < self.max_rounds
@@ -646,12 +656,11 @@ class VPTGenerator:
         perception = decide_turn(body, self.vocab, self.config, self._may_perceive(row), row.source is not None,
                                  row.truncated, turn_boxes)
         if perception.problem:
-            row.trace.problem = "; ".join(p for p in (row.trace.problem, perception.problem) if p)
+            note_problem(row, perception.problem)
         turn_ids = perception_turn(perception, body, row.source, self.inputs, self.config) if perception.kind else None
-        if turn_ids is not None and (len(row.tokens[: row.segment_start]) + len(turn_ids.ids) >= self.context_length
+        if turn_ids is not None and (row.segment_start + len(turn_ids.ids) >= self.context_length
                                      or STOP_REQUESTED.is_set()):
-            row.trace.problem = "; ".join(p for p in (row.trace.problem, "no room in the model's context for the "
-                                                      "perception turn, so it was not acted on") if p)
+            note_problem(row, "no room in the model's context for the perception turn, so it was not acted on")
             perception.kind, turn_ids = None, None
         if perception.kind is None:
             if self.streamer is not None and self._may_perceive(row):

@@ -307,8 +307,7 @@ class VPTModelMixin:
                 loss = loss + config.box_loss_weight * (box_outputs["box_l1"] + box_outputs["box_giou"])
             if "mask_bce" in box_outputs:
                 loss = loss + config.mask_loss_weight * (box_outputs["mask_bce"] + box_outputs["mask_dice"])
-            if idle:
-                loss = loss + 0.0 * sum(output.float().sum() for output in idle)
+            loss = self._add_zero_of(loss, idle)
 
         return VPTCausalLMOutputWithPast(
             **box_outputs,
@@ -352,12 +351,7 @@ class VPTModelMixin:
         ``return_dict_in_generate=True`` a :class:`VPTGenerateOutput` holding each row's trace
         too; ``model.vpt_last_traces`` keeps the traces of the last call.
         """
-        from .generation import (
-            DecodeSettings,
-            PerceptionInputs,
-            VPTGenerateOutput,
-            VPTGenerator,
-        )
+        from .generation import DecodeSettings, PerceptionInputs, VPTGenerateOutput, VPTGenerator
 
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         model_kwargs = generation_config.update(**kwargs)
@@ -387,10 +381,6 @@ class VPTModelMixin:
             perception_inputs = processor if isinstance(processor, PerceptionInputs) else PerceptionInputs(processor)
         if perception_inputs is None:
             raise VPTInputError("VPT generation needs the model's processor: generate(..., processor=processor)")
-        context = self.config.get_text_config().max_position_embeddings
-        if input_ids.shape[1] >= context:
-            raise VPTInputError(f"prompts of {input_ids.shape[1]} tokens leave no room in the model's context of "
-                                f"{context} tokens")
         images = _images_per_row(vpt_images, vpt_image_sizes, input_ids.shape[0])
         settings = DecodeSettings.from_config(self, generation_config, input_ids, logits_processor)
         generator = VPTGenerator(self, perception_inputs, settings, allow_perception, max_perception_rounds, streamer)

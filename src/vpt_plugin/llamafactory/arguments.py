@@ -38,6 +38,12 @@ FREEFREEZE_AS_FULL = {
 LORA_TARGET_RENAMES = {"model.all": "all"}
 
 
+# Recipe keys that set the VPT config field of the same name.
+CONFIG_KEYS = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
+               "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
+               "vit_layer_fusion")
+
+
 def _split(value: str | None) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()] if value else []
 
@@ -155,10 +161,7 @@ class VPTArguments:
 
     def config_overrides(self) -> dict[str, Any]:
         """The VPT config fields the recipe sets."""
-        names = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
-                 "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
-                 "vit_layer_fusion")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in CONFIG_KEYS if getattr(self, name) is not None}
 
 
 VPT_KEYS = tuple(f.name for f in fields(VPTArguments) if f.init and f.name != "freefreeze")

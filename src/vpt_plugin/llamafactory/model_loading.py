@@ -28,7 +28,7 @@ from ..checkpoint import (
     vpt_token_ids,
 )
 from ..configuration_vpt import VPTConfigMixin
-from .arguments import VPT_MODEL_CLASS, VPTArguments
+from .arguments import CONFIG_KEYS, VPT_MODEL_CLASS, VPTArguments
 from .metric_tokens import configure_metric
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ def builds_vpt_model(config, model_args) -> bool:
 # Written beside a LoRA adapter: the VPT settings of the model it was trained on, so that export,
 # chat and predict rebuild that model from the base without the training recipe's keys.
 ADAPTER_SETTINGS_FILE = "vpt_adapter_settings.json"
-# Config fields that shape a VPT model (recipe keys of the same names).
-MODEL_SETTING_FIELDS = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
-                        "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
-                        "vit_layer_fusion")
 # Saved settings a recipe may change when it loads the adapter (training knobs, where the encoders lie);
 # the others shape the model and must agree.
 ADJUSTABLE_SETTINGS = ("vision_encoder_paths", "para_mask_id", "para_mask_ratio", "reuse_first_pass",
@@ -64,7 +60,7 @@ def adapter_settings(config, vpt: VPTArguments) -> dict:
     settings = {"customize_model_class": VPT_MODEL_CLASS, "vision_encoder_ls": ",".join(config.vision_encoder_ls)}
     if vpt.vision_encoder_paths:
         settings["vision_encoder_paths"] = vpt.vision_encoder_paths
-    settings.update({name: getattr(config, name) for name in MODEL_SETTING_FIELDS})
+    settings.update({name: getattr(config, name) for name in CONFIG_KEYS})
     return settings
 
 
