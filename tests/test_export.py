@@ -77,11 +77,11 @@ def image(colour, cell):
 
 
 def probe(model, processor, out):
-    prefix = {"dino": "detection", "sam": "seg", "clip": "clip"}[model.config.vision_encoder_ls[0]]
+    action_start = model.config.branch_ids(model.config.vision_encoder_ls[0])["action_start"]
     images = [image("red", (5, 2)), image("blue", (1, 6))]
     questions = ["Which colour? Identify the region that can help you answer the question, and then answer the question",
                  "What shape? Require additional perception features, and then answer the question"]
-    scripts = ["<|region_token_start|><|x_5|><|y_2|><|region_token_end|><|im_end|>", f"<|{prefix}_action_start|>"]
+    scripts = ["<|region_token_start|><|x_5|><|y_2|><|region_token_end|><|im_end|>", processor.tokenizer.convert_ids_to_tokens(action_start)]
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
                                            add_generation_prompt=True) for q in questions]
     processor.tokenizer.padding_side = "left"  # LLaMA-Factory's export saves "left"; its loader sets "right"

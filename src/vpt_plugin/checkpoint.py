@@ -137,6 +137,8 @@ def init_vpt_checkpoint(
     for name, state in encoder_states.items():
         encoder = getattr(model, get_branch(name).encoder_attribute)
         load_strict(encoder, state, f"{name} encoder from {encoder_weights[name]}")
+    for name in branch_names:
+        get_branch(name).load_assets(model, encoder_weights.get(name), source_is_encoder=True)
 
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .bases import BASES
-from .branches import get_branch
+from .branches import BRANCHES, get_branch
 from .tiny import DEFAULT_BASE
 
 
@@ -21,11 +21,12 @@ def _init(args) -> None:
     from .checkpoint import init_vpt_checkpoint
 
     branches = [name.strip() for name in args.branches.split(",") if name.strip()]
-    encoder_configs = {}
-    for name, config_path in (("dino", args.dino_config), ("sam", args.sam_config)):
-        if config_path:
-            encoder_configs[name] = _encoder_config(name, config_path)
-    encoder_weights = {name: path for name, path in (("dino", args.dino), ("sam", args.sam)) if path}
+    encoder_configs, encoder_weights = {}, {}
+    for name in _encoder_branches():
+        if getattr(args, f"{name}_config"):
+            encoder_configs[name] = _encoder_config(name, getattr(args, f"{name}_config"))
+        if getattr(args, name):
+            encoder_weights[name] = getattr(args, name)
     settings = dict(
         num_inner_forward_run=args.num_inner_forward_run,
         para_mask_id=args.para_mask_id,
@@ -48,6 +49,11 @@ def _init(args) -> None:
             raise SystemExit("vpt init: give --base (a base model's hub id or directory) or --tiny")
         out = init_vpt_checkpoint(args.base, args.output, branches, encoder_weights, encoder_configs, **settings)
     print(f"VPT checkpoint with branches {branches} written to {out}")
+
+
+def _encoder_branches() -> list[str]:
+    """The branches with an encoder of their own: each gets ``vpt init --<name>`` and ``--<name>-config``."""
+    return [name for name, branch in BRANCHES.items() if branch.has_encoder]
 
 
 def _tiny(args) -> None:
@@ -164,11 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--tiny", nargs="?", const=DEFAULT_BASE, choices=sorted(BASES), metavar="BASE",
                       help=f"build a tiny random base offline instead of --base (default {DEFAULT_BASE}; {', '.join(sorted(BASES))})")
     init.add_argument("--output", required=True, help="directory to write the checkpoint to")
-    init.add_argument("--branches", default="dino,sam,clip", help="comma-separated: dino, sam, clip")
-    init.add_argument("--dino", help="DINOv2 checkpoint (e.g. facebook/dinov2-large)")
-    init.add_argument("--sam", help="SAM checkpoint: transformers (facebook/sam-vit-large) or official sam_vit_*.pth")
-    init.add_argument("--dino-config", help="Dinov2Config JSON for a random DINOv2 encoder")
-    init.add_argument("--sam-config", help="SamVisionConfig JSON for a random encoder or a .pth checkpoint")
+    init.add_argument("--branches", default="dino,sam,clip", help=f"comma-separated: {', '.join(sorted(BRANCHES))}")
+    for name in _encoder_branches():
+        branch = get_branch(name)
+        config_class = type(branch.default_encoder_config()).__name__
+        init.add_argument(f"--{name}", help=branch.encoder_help)
+        init.add_argument(f"--{name}-config", help=f"{config_class} JSON: the shape of a random encoder, or of a .pth checkpoint's")
     init.add_argument("--num-inner-forward-run", type=int, default=2, choices=(1, 2))
     init.add_argument("--para-mask-id", type=int, default=1, choices=(0, 1, 2))
     init.add_argument("--para-mask-ratio", type=float, default=0.5)
@@ -183,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     tiny = commands.add_parser(
         "tiny", help="write tiny random bases and branch encoders (offline fixtures for demos and tests)"
     )
-    tiny.add_argument("--output", required=True, help="directory to write the bases (qwen2-vl/, ...), dinov2/ and sam/ to")
+    folders = ", ".join(f"{branch.tiny_folder}/" for branch in BRANCHES.values() if branch.has_encoder)
+    tiny.add_argument("--output", required=True, help=f"directory to write the bases (qwen2-vl/, ...) and encoders ({folders}) to")
     tiny.add_argument("--base", default=DEFAULT_BASE,
                       help=f"bases to write, comma-separated, or all ({', '.join(sorted(BASES))}; default {DEFAULT_BASE})")
     tiny.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,8 @@ import torch
 from .bases import get_base
 from .branches import BRANCHES, VPTInputError
 from .modeling_vpt import IGNORE_INDEX
-from .vocabulary import BOX_TOKEN, IMAGE_PLACEHOLDER, TURN_END, TURN_START
+from .perception import questions_for_images
+from .vocabulary import BOX_TOKEN, IMAGE_PLACEHOLDER, TURN_END, TURN_START, VISION_END, VISION_START
 
 
 def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: list[int], where: str) -> tuple[str, int]:
@@ -20,7 +21,7 @@ def expand_placeholders(text: str, placeholder: str, pad_token: str, counts: lis
     while placeholder in text:
         if used >= len(counts):
             raise VPTInputError(f"{where}: more {placeholder} placeholders than images left for them ({len(counts)})")
-        text = text.replace(placeholder, "<|vision_start|>" + pad_token * counts[used] + "<|vision_end|>", 1)
+        text = text.replace(placeholder, VISION_START + pad_token * counts[used] + VISION_END, 1)
         used += 1
     return text, used
 
@@ -45,8 +46,8 @@ def encode_conversation(processor, config, messages: list[dict], images=None, br
         if not branch_list:
             continue
         branch = BRANCHES[name]
-        inputs = branch.preprocess(branch_list, processor)
-        visual_inputs.update(inputs)
+        if not branch.text_conditioned:  # those read their questions from the ids, below
+            visual_inputs.update(branch.preprocess(branch_list, processor))
         counts = branch.feature_tokens(config, branch_list, processor)
         placements.append((branch.tokens.placeholder, branch.tokens.image_pad, counts))
 
@@ -73,6 +74,11 @@ def encode_conversation(processor, config, messages: list[dict], images=None, br
     for placeholder, _, counts in placements:
         if used[placeholder] != len(counts):
             raise VPTInputError(f"{where}: {len(counts)} images for {placeholder} but {used[placeholder]} placeholders")
+    for name, branch_list in (branch_images or {}).items():
+        branch = BRANCHES[name]
+        if branch_list and branch.text_conditioned:
+            questions = questions_for_images(input_ids, branch.tokens.image_pad, tokenizer)
+            visual_inputs.update(branch.preprocess(branch_list, processor, questions))
     box_tokens = sum(str(message["content"]).count(BOX_TOKEN) for message in messages)
     if box_tokens != len(boxes or []):
         raise VPTInputError(f"{where}: {box_tokens} {BOX_TOKEN} tokens but {len(boxes or [])} boxes")

@@ -31,6 +31,8 @@ from .perception import (
     branch_turn_content,
     crop_boxes,
     next_turn_ids,
+    question_before,
+    questions_for_images,
     read_perception,
     region_turn_content,
 )
@@ -534,7 +536,10 @@ class VPTGenerator:
         for name, items in wanted.items():
             branch = get_branch(name)
             images = self.inputs.branch_images(name, [item[2] for item in items])
-            inputs = {k: v.to(self.device) for k, v in branch.preprocess(images, self.inputs.processor).items()}
+            questions = None
+            if branch.text_conditioned:
+                questions = [question_before(rows[b].tokens, start, self.inputs.tokenizer) for b, start, _, _ in items]
+            inputs = {k: v.to(self.device) for k, v in branch.preprocess(images, self.inputs.processor, questions).items()}
             encoded = branch.encode(self.model, inputs)
             projected = self.model.branch_projector(name).project_features(encoded)
             layers = encoded.layers_per_image() if isinstance(encoded, VisionFeatures) else [None] * len(items)
@@ -784,7 +789,10 @@ def _greedy_turn(model, vocab, tokens, crops, branch_images, perception_inputs, 
     for name in dict.fromkeys(n for n, _ in branch_images):
         images = perception_inputs.branch_images(name, [image for n, image in branch_images if n == name])
         branch = get_branch(name)
-        inputs.update({k: v.to(device) for k, v in branch.preprocess(images, perception_inputs.processor).items()})
+        questions = None
+        if branch.text_conditioned:
+            questions = questions_for_images(tokens, branch.tokens.image_pad, perception_inputs.tokenizer)
+        inputs.update({k: v.to(device) for k, v in branch.preprocess(images, perception_inputs.processor, questions).items()})
     if boxes:
         inputs["boxes"] = torch.tensor(boxes, device=device)
     out = model(**inputs, use_cache=True)

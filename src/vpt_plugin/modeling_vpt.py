@@ -88,6 +88,22 @@ class VPTModelMixin:
             self.vit_fusion.attach(self.model.visual)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, then each branch reads what it keeps beside its weights
+        (``VisionBranch.load_assets``: e.g. a detector's text tokenizer) from the same checkpoint."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        for name in model.config.vision_encoder_ls:
+            get_branch(name).load_assets(model, pretrained_model_name_or_path, source_is_encoder=False)
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, plus each branch's assets (``VisionBranch.save_assets``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for name in self.config.vision_encoder_ls:
+            get_branch(name).save_assets(self, save_directory)
+
     def _init_weights(self, module):
         if isinstance(module, (ControlProjector, BoxHeads, MaskDecoder, ViTLayerFusion)):
             module.reset_parameters()

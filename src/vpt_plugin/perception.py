@@ -20,15 +20,20 @@ answer) and say why in ``Perception.problem``:
 An index outside the 8x8 grid cannot be written: only ``<|x_0|>``..``<|x_7|>`` are tokens.
 """
 
+import re
 from dataclasses import dataclass, field
 
 from .box_heads import box_crop_pixels
 from .branches import BRANCHES, get_branch
 from .vocabulary import (
+    REENCODING_PROMPT,
     REGION_END,
+    REGION_PROMPT,
     REGION_START,
     TURN_END,
     TURN_START,
+    VISION_END,
+    VISION_START,
     X_TOKENS,
     Y_TOKENS,
     crop_pixels,
@@ -169,7 +174,43 @@ def crop_boxes(perception: Perception, width: int, height: int, margin: float = 
 
 
 def vision_span(pad_token: str, count: int) -> str:
-    return "<|vision_start|>" + pad_token * count + "<|vision_end|>"
+    return VISION_START + pad_token * count + VISION_END
+
+
+# The published instructions that ask for perception; a question read by a branch leaves them out.
+_INSTRUCTIONS = re.compile("|".join(re.escape(prompt) + r"\.?" for prompt in (REGION_PROMPT, REENCODING_PROMPT)))
+
+
+def question_before(token_ids: list[int], position: int, tokenizer) -> str:
+    """The question a text-conditioned branch reads for an image at ``position`` of ``token_ids``.
+
+    The text of the nearest user turn starting before ``position`` that has words once its images
+    and the perception instructions are left out: in a released-style row the branch image's own
+    turn holds only the image, so this is the question that asked for it; in an alignment row,
+    the instruction beside the image. Empty if no user turn has words.
+    """
+    turn_start, turn_end, vision_start, vision_end = tokenizer.convert_tokens_to_ids(
+        [TURN_START, TURN_END, VISION_START, VISION_END])
+    starts = [i for i, token in enumerate(token_ids[:position]) if token == turn_start]
+    for start in reversed(starts):
+        end = next((i for i in range(start + 1, len(token_ids)) if token_ids[i] == turn_end), len(token_ids))
+        kept, in_image = [], False
+        for token in token_ids[start + 1 : end]:
+            in_image = (in_image or token == vision_start) and token != vision_end
+            if not in_image and token != vision_end:
+                kept.append(token)
+        role, _, content = tokenizer.decode(kept, skip_special_tokens=False).partition("\n")
+        content = " ".join(_INSTRUCTIONS.sub(" ", content).split())
+        if role == "user" and content:
+            return content
+    return ""
+
+
+def questions_for_images(token_ids: list[int], pad_token: str, tokenizer) -> list[str]:
+    """:func:`question_before` each image whose pad tokens are ``pad_token``, in order."""
+    vision_start, pad = tokenizer.convert_tokens_to_ids([VISION_START, pad_token])
+    return [question_before(token_ids, i, tokenizer) for i in range(len(token_ids) - 1)
+            if token_ids[i] == vision_start and token_ids[i + 1] == pad]
 
 
 def region_turn_content(pad_counts: list[int]) -> str:

@@ -3,7 +3,8 @@
 Everything a real base ships is here at toy size: a byte-level BPE tokenizer trained on
 generated text, with every Qwen-VL special token; the base's processor with small pixel
 bounds and its chat template; the base model (``vpt_plugin.bases``: each base's tiny config);
-and tiny DINOv2 and SAM encoder configs. ``vpt init --tiny`` turns one into a VPT checkpoint.
+and each branch's tiny encoder (``VisionBranch.tiny_encoder_config``). ``vpt init --tiny`` turns
+one into a VPT checkpoint.
 """
 
 import json
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import Dinov2Config, Qwen2Tokenizer, SamVisionConfig
+from transformers import Qwen2Tokenizer
 
 from .bases import get_base
+from .branches import BRANCHES
 from .vocabulary import REENCODING_PROMPT, REGION_PROMPT
 
 # The special tokens of the Qwen-VL tokenizers, in their order (ids follow the trained vocabulary here).
@@ -64,17 +66,8 @@ def tiny_tokenizer(seed: int = 0, vocab_size: int = 600) -> Qwen2Tokenizer:
 
 
 def tiny_encoder_configs() -> dict:
-    """Branch name -> tiny encoder config. SAM keeps its real 1024x1024 input and 256x64x64 output."""
-    return {
-        "dino": Dinov2Config(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=224, patch_size=14,
-        ),
-        "sam": SamVisionConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-            global_attn_indexes=[1], window_size=8, output_channels=256, image_size=1024, patch_size=16,
-        ),
-    }
+    """Branch name -> tiny encoder config, for every branch with its own encoder."""
+    return {name: branch.tiny_encoder_config() for name, branch in BRANCHES.items() if branch.has_encoder}
 
 
 def build_tiny_base(output_dir: str | Path, seed: int = 0, base: str = DEFAULT_BASE) -> Path:
@@ -99,15 +92,12 @@ def tiny_base_folder(base: str) -> str:
 
 
 def build_tiny_fixtures(output_dir: str | Path, seed: int = 0, bases: tuple[str, ...] = (DEFAULT_BASE,)) -> dict[str, Path]:
-    """Tiny plain bases (``qwen2-vl``, ``qwen2.5-vl``, ... per ``bases``) and tiny branch encoders
-    (``dinov2``, ``sam``) saved as hub-style directories, so recipes that build a VPT model from a base run offline."""
-    from transformers import Dinov2Model, SamVisionModel
-
+    """Tiny plain bases (``qwen2-vl``, ``qwen2.5-vl``, ... per ``bases``) and each branch's tiny encoder
+    (in its ``tiny_folder``: ``dinov2``, ...) saved as hub-style directories, so recipes that build a VPT
+    model from a base run offline."""
     output_dir = Path(output_dir)
     paths = {base: build_tiny_base(output_dir / tiny_base_folder(base), seed, base) for base in bases}
-    configs = tiny_encoder_configs()
-    torch.manual_seed(seed)
-    for name, model_class, folder in (("dino", Dinov2Model, "dinov2"), ("sam", SamVisionModel, "sam")):
-        paths[name] = output_dir / folder
-        model_class(configs[name]).save_pretrained(paths[name])
+    for name, branch in BRANCHES.items():
+        if branch.has_encoder:
+            paths[name] = branch.save_tiny_encoder(output_dir / branch.tiny_folder, seed)
     return paths

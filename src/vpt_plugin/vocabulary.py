@@ -20,6 +20,9 @@ GRID_TOKEN_PATTERN = re.compile(r"<\|([xy])_(\d+)\|>")
 # Chat-turn delimiters of the Qwen2-VL template; para masking counts turns by them.
 TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
+# Around every image's pad tokens, the base's and each branch's.
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
 
 # PerceptionGPT's continuous perception token (box_heads.py): its hidden state carries one box. Inside a
 # region (REGION_START, BOX_TOKEN, REGION_END) it is a continuous Region Selection; elsewhere a box

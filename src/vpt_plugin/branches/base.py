@@ -2,7 +2,8 @@
 
 A branch is a description (name, tokens, model inputs, encoder config) plus three
 functions: build its encoder and projector, and encode its images. The model never
-names a branch; it loops over ``config.vision_encoder_ls`` and asks the registry.
+names a branch; it loops over ``config.vision_encoder_ls`` and asks the registry. Nor do the
+command line, the tiny fixtures or the data pipeline: what differs per branch is asked of it here.
 """
 
 from typing import ClassVar
@@ -78,13 +79,19 @@ class VisionBranch:
     the subclass with :func:`vpt_plugin.branches.register_branch`; nothing else needs editing.
     """
 
-    name: ClassVar[str]  # as in config.vision_encoder_ls and the recipes ("dino", "sam", "clip")
+    name: ClassVar[str]  # as in config.vision_encoder_ls and the recipes
     tokens: ClassVar[BranchTokens]
     pixel_key: ClassVar[str]  # the model input holding this branch's images (reference names)
     # False: the branch re-uses the model's own ViT and needs none of the encoder methods below.
     has_encoder: ClassVar[bool] = True
     # Encoder weights a new VPT model starts from unless the recipe names others (hub id).
     pretrained_id: ClassVar[str | None] = None
+    # ``vpt init --<name>`` help: which checkpoints the encoder loads from.
+    encoder_help: ClassVar[str] = ""
+    # The folder ``vpt tiny`` writes the branch's tiny encoder to.
+    tiny_folder: ClassVar[str | None] = None
+    # True: the encoder reads the row's question beside each image (:meth:`preprocess` gets it).
+    text_conditioned: ClassVar[bool] = False
 
     @property
     def data_column(self) -> str:
@@ -111,12 +118,28 @@ class VisionBranch:
         default = self.default_encoder_config()
         return default if stored is None else type(default).from_dict(stored)
 
+    def tiny_encoder_config(self):
+        """A toy-sized encoder config for tests and the demos (offline, fast on a CPU)."""
+        raise NotImplementedError
+
+    def save_tiny_encoder(self, folder, seed: int = 0):
+        """A random encoder of :meth:`tiny_encoder_config` saved as a hub-style folder :meth:`pretrained_encoder` reads."""
+        raise NotImplementedError
+
     def build_encoder(self, vpt_config) -> nn.Module | None:
         raise NotImplementedError
 
     def pretrained_encoder(self, path: str, encoder_config=None):
         """``(encoder config, encoder state dict)`` read from a checkpoint (hub id or local path)."""
         raise NotImplementedError
+
+    def load_assets(self, model, source, source_is_encoder: bool) -> None:
+        """Attach to ``model`` what the encoder needs beside its weights (e.g. a text tokenizer), read from
+        ``source``: a VPT checkpoint, or (``source_is_encoder``) the encoder checkpoint a new VPT model
+        starts from (None: none was given)."""
+
+    def save_assets(self, model, directory) -> None:
+        """Write what :meth:`load_assets` attached into a VPT checkpoint folder being saved."""
 
     def build_projector(self, vpt_config) -> ControlProjector:
         raise NotImplementedError
@@ -139,10 +162,12 @@ class VisionBranch:
         with the device and dtype of ``like``."""
         raise NotImplementedError
 
-    def preprocess(self, images, processor) -> dict:
+    def preprocess(self, images, processor, questions: list[str] | None = None) -> dict:
         """PIL images -> this branch's model inputs, with the branch encoder's own preprocessing.
 
-        ``processor`` is the model's Qwen2VLProcessor (the clip branch uses its image processor).
+        ``processor`` is the model's processor (the base ViT's branch uses its image processor).
+        ``questions``: for a :attr:`text_conditioned` branch, the question each image answers
+        (:func:`vpt_plugin.perception.question_before`); other branches ignore it.
         """
         raise NotImplementedError
 

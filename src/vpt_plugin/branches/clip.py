@@ -43,7 +43,7 @@ class ClipBranch(VisionBranch):
     def dummy_features(self, vpt_config, like):
         return VisionFeatures([like.new_zeros(1, vpt_config.text_config.hidden_size)])
 
-    def preprocess(self, images, processor):
+    def preprocess(self, images, processor, questions=None):
         # The base model's own image processor, with its pixel bounds.
         out = processor.image_processor(images=images, return_tensors="pt")
         return {self.pixel_key: out.pixel_values, "clip_images_grid_thw": out.image_grid_thw}

@@ -1,5 +1,8 @@
 """DINOv2 branch ("dino"): patch tokens of a DINOv2 ViT, without CLS (tokens ``<|detection_...|>``)."""
 
+from pathlib import Path
+
+import torch
 from torch import nn
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
@@ -28,12 +31,25 @@ class DinoBranch(VisionBranch):
     tokens = BranchTokens("detection")
     pixel_key = "detection_images"
     pretrained_id = "facebook/dinov2-large"
+    encoder_help = "DINOv2 checkpoint (hub id or directory), e.g. facebook/dinov2-large"
+    tiny_folder = "dinov2"
 
     def default_encoder_config(self):
         # facebook/dinov2-large, which the published models use.
         return Dinov2Config(
             hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518, patch_size=14
         )
+
+    def tiny_encoder_config(self):
+        return Dinov2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            image_size=224, patch_size=14,
+        )
+
+    def save_tiny_encoder(self, folder, seed=0):
+        torch.manual_seed(seed)
+        Dinov2Model(self.tiny_encoder_config()).save_pretrained(folder)
+        return Path(folder)
 
     def build_encoder(self, vpt_config):
         return Dinov2Model(self.encoder_config(vpt_config))
@@ -58,7 +74,7 @@ class DinoBranch(VisionBranch):
     def dummy_features(self, vpt_config, like):
         return like.new_zeros(1, 1, self.encoder_config(vpt_config).hidden_size)
 
-    def preprocess(self, images, processor):
+    def preprocess(self, images, processor, questions=None):
         # DINOv2's own preprocessing: shortest side 256, centre crop 224, ImageNet statistics.
         dino_processor = BitImageProcessor(
             size={"shortest_edge": 256},

@@ -1,6 +1,7 @@
 """SAM branch ("sam"): the SAM ViT image encoder, 256x64x64 out (tokens ``<|seg_...|>``)."""
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,12 +61,26 @@ class SamBranch(VisionBranch):
     tokens = BranchTokens("seg")
     pixel_key = "seg_images"
     pretrained_id = "facebook/sam-vit-large"
+    encoder_help = "SAM checkpoint: transformers (facebook/sam-vit-large) or official sam_vit_*.pth (with --sam-config)"
+    tiny_folder = "sam"
 
     def default_encoder_config(self):
         # facebook/sam-vit-large, which the published models use.
         return SamVisionConfig(
             hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]
         )
+
+    def tiny_encoder_config(self):
+        # SAM keeps its real 1024x1024 input and 256x64x64 output.
+        return SamVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+            global_attn_indexes=[1], window_size=8, output_channels=256, image_size=1024, patch_size=16,
+        )
+
+    def save_tiny_encoder(self, folder, seed=0):
+        torch.manual_seed(seed)
+        SamVisionModel(self.tiny_encoder_config()).save_pretrained(folder)
+        return Path(folder)
 
     def build_encoder(self, vpt_config):
         return SamVisionEncoder(self.encoder_config(vpt_config))
@@ -94,7 +109,7 @@ class SamBranch(VisionBranch):
     def dummy_features(self, vpt_config, like):
         return like.new_zeros(1, self.encoder_config(vpt_config).output_channels, 4, 4)  # one 4x4 conv window
 
-    def preprocess(self, images, processor):
+    def preprocess(self, images, processor, questions=None):
         # SAM's own preprocessing: long side 1024, ImageNet statistics, padded to 1024x1024.
         return {self.pixel_key: SamImageProcessor()(images=images, return_tensors="pt").pixel_values}
 

@@ -16,6 +16,7 @@ from llamafactory.data.mm_plugin import PLUGINS
 
 from ..branches import BRANCHES, get_branch
 from ..dataset import MAIN_IMAGES, VPTDataError, image_columns, is_box_entry, load_mask, open_image, parse_box_entry, placeholders_in
+from ..perception import question_before
 
 
 def vpt_template_name(template: str) -> str:
@@ -112,14 +113,20 @@ class VPTPluginMixin:
         generating = getattr(processor, "vpt_generation", False)
         images, imglens, boxes, masks = self._split_boxes(images, imglens, batch_ids, config, generating)
         self._validate_input(processor, images, videos, audios)
-        kinds = self._image_kinds(batch_ids, processor, config)
+        places = self._image_places(batch_ids, processor, config)
+        kinds = [kind for kind, _, _ in places]
         if len(kinds) != len(images):
             raise VPTDataError(f"the batch's token ids hold {len(kinds)} images but {len(images)} were given")
         base_images = [image for image, kind in zip(images, kinds) if kind is None]
         mm_inputs = self._get_mm_inputs(base_images, videos, audios, processor)
         for name in dict.fromkeys(kind for kind in kinds if kind is not None):
+            branch = get_branch(name)
             branch_images = [image for image, kind in zip(images, kinds) if kind == name]
-            mm_inputs.update(get_branch(name).preprocess(self._branch_images(name, branch_images, processor), processor))
+            questions = None
+            if branch.text_conditioned:
+                questions = [question_before(list(batch_ids[row]), position, processor.tokenizer)
+                             for kind, row, position in places if kind == name]
+            mm_inputs.update(branch.preprocess(self._branch_images(name, branch_images, processor), processor, questions))
         if getattr(processor, "vpt_generation", False):
             mm_inputs.update(self._source_images(images, kinds, imglens))
         if boxes is not None:
@@ -195,19 +202,21 @@ class VPTPluginMixin:
 
         return prepare
 
-    def _image_kinds(self, batch_ids, processor, config) -> list[str | None]:
-        """Each image's branch (None: a base image), read from the pad token after each vision start."""
+    def _image_places(self, batch_ids, processor, config) -> list[tuple[str | None, int, int]]:
+        """Each image's branch (None: a base image), read from the pad token after each vision start,
+        with its row in the batch and the vision start's position."""
         tokenizer = processor.tokenizer
         vision_start = tokenizer.convert_tokens_to_ids(self.vision_bos_token)
         kind_of_pad = {tokenizer.convert_tokens_to_ids(self.image_token): None}
         for name in config.vision_encoder_ls:
             kind_of_pad[config.branch_ids(name)["image"]] = name
-        kinds = []
-        for ids in batch_ids:
+        places = []
+        for row, ids in enumerate(batch_ids):
             ids = np.asarray(ids)
             starts = np.nonzero(ids[:-1] == vision_start)[0]
-            kinds += [kind_of_pad[pad] for pad in ids[starts + 1].tolist() if pad in kind_of_pad]
-        return kinds
+            places += [(kind_of_pad[pad], row, int(start)) for start, pad in zip(starts, ids[starts + 1].tolist())
+                       if pad in kind_of_pad]
+        return places
 
 
 def _branch_of(column: str) -> str | None:

@@ -257,6 +257,7 @@ def finish_new_model(model, tokenizer, model_args) -> None:
         encoder = getattr(model, get_branch(name).encoder_attribute)
         with torch.no_grad():
             load_strict(encoder, {k: v.to(encoder.dtype) for k, v in state.items()}, f"{name} encoder from {path}")
+        get_branch(name).load_assets(model, path, source_is_encoder=True)
         _ENCODER_CACHE.pop((name, path), None)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # as `vpt init` does
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
