@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .bases import BASES
 from .branches import BRANCHES, get_branch
+from .proposals import add_propose_parser
 from .tiny import DEFAULT_BASE
 
 
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     data_validate.add_argument("--box-units", choices=("normalized", "pixels"), default="normalized",
                                help="units of a FILE's `boxes` column (with --dataset, the entry's box_units)")
     data_validate.set_defaults(run=_data_validate)
+    add_propose_parser(data_commands)
 
     convert = commands.add_parser("convert", help="convert a checkpoint saved by the published VPT code")
     convert.add_argument("src", help="published checkpoint directory (config.json, pytorch_model*.bin)")

@@ -1,8 +1,10 @@
 """``vpt data``: turn a user's VQA rows with boxes into VPT training rows, and check dataset files.
 
 Input rows (JSON list or JSONL): ``{"image": path, "question": str, "answer": str, "box":
-[x0, y0, x1, y1]}``, the box in pixels or normalised to 0..1 (``--box-format``). Each row
-becomes a Region Selection row (the box on the 8x8 grid, the crop as a second image with an
+[x0, y0, x1, y1]}``, the box in pixels or normalised to 0..1 (``--box-format``); ``vpt data
+propose`` makes such rows from rows without boxes. A row without a ``box`` (one the detector
+found nothing for) becomes a plain row: the question and the answer, no second look. Each row
+with a box becomes a Region Selection row (the box on the 8x8 grid, the crop as a second image with an
 ``_x0,y0,x1,y1`` suffix) and, per ``--branches``, a Vision Re-Encoding row, in the released
 format (``messages``, ``images`` and the branch columns) that ``vpt_sharegpt`` reads. With
 ``--region-mode continuous`` the Region Selection row names the box with PerceptionGPT's
@@ -41,16 +43,31 @@ from .vocabulary import (
 
 REGION_MODES = ("grid", "continuous")
 
-REQUIRED_KEYS = ("image", "question", "answer", "box")
+REQUIRED_KEYS = ("image", "question", "answer")
 
 
-def read_rows(path: Path) -> list[dict]:
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
+def read_rows(path: Path) -> list:
+    """The rows of a JSON list or JSONL file; a file that is not that raises naming it (and the line)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise VPTDataError(f"{path}: cannot read it: {error}") from error
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise VPTDataError(f"{path}, line {number}: not JSON ({error})") from error
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise VPTDataError(f"{path}: not JSON ({error}); give a JSON list of rows or a .jsonl file") from error
     if not isinstance(rows, list):
-        raise VPTDataError(f"{path}: expected a JSON list of rows")
+        raise VPTDataError(f"{path}: expected a JSON list of rows, found a JSON {type(rows).__name__}")
     return rows
 
 
@@ -74,6 +91,10 @@ def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_
     file = os.path.join(media_dir, image_path) if media_dir else image_path
     if not os.path.isfile(file):
         raise VPTDataError(f"{where}, image: {image_path}: image file not found")
+    question, answer = row["question"], row["answer"]
+    if row.get("box") is None:
+        return [{"messages": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}{question}"},
+                              {"role": "assistant", "content": answer}], MAIN_IMAGES: [image_path]}]
     with Image.open(file) as image:
         width, height = image.size
     box = [float(v) for v in row["box"]]
@@ -92,7 +113,6 @@ def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_
         xs, ys = grid_cells(box, width, height)
         left, top, right, bottom = crop_pixels((xs[0], ys[0], xs[1], ys[1]), width, height)
         region = region_sequence(xs, ys)
-    question, answer = row["question"], row["answer"]
     rows = [
         {
             "messages": [
