@@ -17,6 +17,11 @@ match) and, when a judge is configured, with the paper's LLM judge. Writes under
   answer masks' cIoU (total intersection over total union) and gIoU (mean per-answer IoU);
 - ``summary.md``, ``summary.csv`` (one column per dataset plus the average, as the paper's
   tables; ``summary.md`` also tabulates the second looks) and ``summary.png`` (a bar chart).
+
+``benchmarks`` (``benchmarks.py``: V* Bench, HR-Bench 4K/8K, MME-RealWorld) are multiple-choice:
+scored by the option the answer names, per benchmark and per category, with every setting that
+changes a score in ``scores.json`` (``settings``) and ``summary.md``, and the published figures
+of ``anchors`` printed and charted beside the models'.
 Everything is appended item by item, so an interrupted run resumes where it stopped and
 finishes with the same results.
 """
@@ -34,13 +39,16 @@ from tqdm.auto import tqdm
 
 from ..box_heads import paired_iou, runs_to_mask
 from ..dataset import BOXES, MASKS, VPTDataError, load_mask, open_image, split_crop
-from ..vocabulary import BOX_TOKEN, REGION_START, grid_box, grid_indices_in_text
+from ..vocabulary import BOX_TOKEN, REENCODING_PROMPT, REGION_PROMPT, REGION_START, grid_box, grid_indices_in_text
+from .benchmarks import PROMPTS, get_benchmark, image_cache_for, load_items, multiple_choice_scores
 from .judge import JudgeConfig, judge_answers, summarize
 from .metrics import default_metric, score
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = {"vpt": True, "no_vpt": False}  # variant name -> allow_perception
+# What ``perception_prompt`` appends to a benchmark question: the published VPT instructions.
+PERCEPTION_PROMPTS = {"none": None, "region": REGION_PROMPT, "reencoding": REENCODING_PROMPT}
 # Text the released test splits add to the reference answer (the published evaluation strips it).
 REFERENCE_PREFIX = "Now answer the question.\n"
 
@@ -50,18 +58,22 @@ def load_settings(args, repo: Path) -> dict:
     settings = {}
     if args.config:
         settings = yaml.safe_load(Path(args.config).read_text()) or {}
-        for key in ("output_dir", "dataset_dir"):
+        for key in ("output_dir", "dataset_dir", "benchmark_dir"):
             if key in settings:
                 settings[key] = str(_from_repo(settings[key], repo))
         settings["models"] = {name: str(_from_repo(path, repo)) for name, path in (settings.get("models") or {}).items()}
+    if args.model:
+        settings["models"] = {}  # the command line's models replace the config's
     for option in args.model or []:
         name, _, path = option.partition("=")
         if not path:
             raise SystemExit(f"--model takes NAME=PATH, got {option!r}")
-        settings.setdefault("models", {})[name] = path
+        settings["models"][name] = path
     if args.dataset:
         settings["datasets"] = args.dataset
-    for key in ("output_dir", "limit", "batch_size", "device", "image_max_pixels"):
+    if args.benchmark:
+        settings["benchmarks"] = args.benchmark
+    for key in ("output_dir", "limit", "batch_size", "device", "image_max_pixels", "benchmark_dir"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.compare_no_perception:
@@ -74,9 +86,16 @@ def load_settings(args, repo: Path) -> dict:
     settings.setdefault("output_dir", "outputs/evaluation")
     settings.setdefault("batch_size", 8)
     settings.setdefault("image_max_pixels", 512 * 512)
-    missing = [key for key in ("models", "datasets") if not settings.get(key)]
+    missing = [key for key in ("models",) if not settings.get(key)]
+    if not settings.get("datasets") and not settings.get("benchmarks"):
+        missing.append("datasets or benchmarks")
     if missing:
         raise SystemExit(f"evaluation: no {' and no '.join(missing)} (give --config or --model/--dataset)")
+    if settings.get("perception_prompt", "none") not in PERCEPTION_PROMPTS:
+        raise SystemExit(f"evaluation: perception_prompt {settings['perception_prompt']!r} is not one of "
+                         f"{sorted(PERCEPTION_PROMPTS)}")
+    for name in settings.get("benchmarks") or []:
+        get_benchmark(name)  # an unknown name fails before any model loads
     return settings
 
 
@@ -235,13 +254,25 @@ def evaluate(settings: dict) -> dict:
     dataset_dir = Path(settings["dataset_dir"])
     judge_config = JudgeConfig.from_settings(settings["judge"]) if settings.get("judge") else None
     variants = VARIANTS if settings.get("compare_no_perception") else {"vpt": True}
+    benchmark_items = {name: benchmark_questions(name, settings) for name in settings.get("benchmarks") or []}
     table = {}
     for model_name, model_path in settings["models"].items():
         model, processor = load_vpt_model(model_path, device=settings.get("device"))
         for variant, allow_perception in variants.items():
             label = model_name if variant == "vpt" else f"{model_name} (no VPT)"
             table[label] = {}
-            for dataset in settings["datasets"]:
+            for name, (items, path) in benchmark_items.items():
+                out = output_dir / model_name / variant / name
+                out.mkdir(parents=True, exist_ok=True)
+                predictions = predict(model, processor, items, out / "predictions.jsonl", settings, allow_perception,
+                                      f"{label} / {name}")
+                scores = {"items": len(predictions), **multiple_choice_scores(predictions, get_benchmark(name).format),
+                          "perceived": sum(bool(p["trace"]["rounds"]) for p in predictions),
+                          "malformed": sum(bool(p["trace"]["problem"]) for p in predictions),
+                          "settings": run_settings(settings, name, path, allow_perception, model)}
+                (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+                table[label][name] = scores
+            for dataset in settings.get("datasets") or []:
                 name = Path(dataset).stem
                 out = output_dir / model_name / variant / name
                 out.mkdir(parents=True, exist_ok=True)
@@ -253,8 +284,41 @@ def evaluate(settings: dict) -> dict:
                 scores = score_predictions(predictions, name, settings, judge_config, out)
                 (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
                 table[label][name] = scores
-    write_summary(table, output_dir, "judge_mean" if judge_config else "metric_mean")
+    write_summary(table, output_dir, "judge_mean" if judge_config else "metric_mean", settings.get("anchors"))
     return table
+
+
+def benchmark_questions(name: str, settings: dict) -> tuple[list[dict], Path]:
+    """A benchmark's items (with the ``perception_prompt`` appended) and the question file they come from."""
+    benchmark = get_benchmark(name)
+    local = Path(settings["benchmark_dir"]) / benchmark.hub_id.split("/")[1] if settings.get("benchmark_dir") else None
+    path = benchmark.locate(local)
+    items = load_items(benchmark, path, image_cache_for(Path(settings["output_dir"]), benchmark, path), settings.get("limit"))
+    instruction = PERCEPTION_PROMPTS[settings.get("perception_prompt", "none")]
+    if instruction:
+        items = [{**item, "question": f"{item['question']}\n{instruction}"} for item in items]
+    return items, path
+
+
+def run_settings(settings: dict, benchmark: str, path: Path, allow_perception: bool, model) -> dict:
+    """Every setting that changes a benchmark score, as ``scores.json`` and the summary record it."""
+    generation = {"max_new_tokens": 128, "max_perception_rounds": 1, "do_sample": False, **(settings.get("generation") or {})}
+    instruction = PERCEPTION_PROMPTS[settings.get("perception_prompt", "none")]
+    return {
+        "image_max_pixels": settings["image_max_pixels"],
+        "crops_from": "the full-resolution original",
+        "max_new_tokens": generation.pop("max_new_tokens"),
+        "max_perception_rounds": generation.pop("max_perception_rounds"),
+        "perception": "allowed" if allow_perception else "suppressed",
+        "perception_prompt": settings.get("perception_prompt", "none"),
+        "prompt": PROMPTS[get_benchmark(benchmark).format] + (f"\n{instruction}" if instruction else ""),
+        "sampling": generation,
+        "questions": str(path),
+        "limit": settings.get("limit"),
+        "batch_size": settings["batch_size"],
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+    }
 
 
 def score_predictions(predictions, dataset_name, settings, judge_config, out: Path) -> dict:
@@ -385,21 +449,32 @@ def _iou(box, reference) -> float:
 SCORE_NAMES = {"judge_mean": "LLM judge", "metric_mean": "offline metric"}
 
 
-def write_summary(table: dict, output_dir: Path, score_key: str) -> None:
-    """The paper's layout: one row per model, one column per dataset, then the average; below it,
-    how often each model asked for a second look and whether its regions were the right ones."""
+def write_summary(table: dict, output_dir: Path, score_key: str, anchors: list[dict] | None = None) -> None:
+    """The paper's layout: one row per model, one column per dataset (and per category of a benchmark
+    that has them), then the average over datasets; the published ``anchors`` below them; then the
+    settings the benchmark scores were made with, and how often each model asked for a second look."""
     what = SCORE_NAMES[score_key]
     datasets = list(dict.fromkeys(d for row in table.values() for d in row))
+    columns = []  # (header, dataset, category or None)
+    for dataset in datasets:
+        columns.append((dataset, dataset, None))
+        categories = dict.fromkeys(c for row in table.values() for c in row.get(dataset, {}).get("categories", {}))
+        columns += [(f"{dataset} {category}", dataset, category) for category in categories]
     rows = []
     for label, scores in table.items():
-        values = [scores[d][score_key] if d in scores else None for d in datasets]
-        known = [v for v in values if v is not None]
+        values = [_cell(scores.get(dataset), category, score_key) for _, dataset, category in columns]
+        known = [scores[d][score_key] for d in datasets if d in scores and scores[d][score_key] is not None]
         rows.append([label, *values, sum(known) / len(known) if known else None])
-    header = ["model", *datasets, "Average"]
+    for anchor in anchors or []:
+        published = {name: value / 100 for name, value in anchor["scores"].items()}
+        rows.append([f"{anchor['system']} (published)",
+                     *(published.get(dataset) if category is None else None for _, dataset, category in columns), None])
+    header = ["model", *(name for name, _, _ in columns), "Average"]
     show = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([row[0], *map(show, row[1:])]) + " |" for row in rows]
-    markdown = f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n\n" + judge_coverage_table(table) + looks_table(table)
+    markdown = (f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n\n" + anchors_table(anchors)
+                + settings_table(table) + judge_coverage_table(table) + looks_table(table))
     (output_dir / "summary.md").write_text(markdown)
     with open(output_dir / "summary.csv", "w", newline="") as out:
         writer = csv.writer(out)
@@ -407,6 +482,43 @@ def write_summary(table: dict, output_dir: Path, score_key: str) -> None:
         writer.writerows([[row[0], *("" if v is None else f"{v:.6f}" for v in row[1:])] for row in rows])
     _bar_chart(rows, header, output_dir / "summary.png", what)
     print(markdown)
+
+
+def _cell(scores: dict | None, category: str | None, score_key: str):
+    if scores is None:
+        return None
+    return scores[score_key] if category is None else scores.get("categories", {}).get(category)
+
+
+def anchors_table(anchors: list[dict] | None) -> str:
+    """Markdown: where each published figure comes from (empty without anchors)."""
+    if not anchors:
+        return ""
+    lines = ["Published figures (rows marked \"published\"), as their sources report them; settings differ "
+             "between evaluations, which is why this run's are listed below.", "", "| system | source |", "|---|---|"]
+    lines += [f"| {anchor['system']} | {anchor['source']} |" for anchor in anchors]
+    return "\n".join(lines) + "\n\n"
+
+
+def settings_table(table: dict) -> str:
+    """Markdown: the settings each benchmark score was made with (empty without benchmarks)."""
+    lines = []
+    for label, per_dataset in table.items():
+        for dataset, scores in per_dataset.items():
+            found = scores.get("settings")
+            if found is None:
+                continue
+            prompt = found["prompt"].replace("\n", "⏎").replace("|", "\\|")
+            lines.append(f"| {label} | {dataset} | {found['image_max_pixels']} | {found['max_new_tokens']} | "
+                         f"{found['perception']} | {found['perception_prompt']} | {found['max_perception_rounds']} | "
+                         f"{found['dtype']} | {prompt} |")
+    if not lines:
+        return ""
+    header = ["Settings of the benchmark scores (crops and branch images read the full-resolution original; "
+              "image_max_pixels is the base image's pixel budget)", "",
+              "| model | benchmark | image_max_pixels | max_new_tokens | perception | perception prompt | "
+              "perception rounds | dtype | prompt (⏎: new line) |", "|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n\n"
 
 
 def judge_coverage_table(table: dict) -> str:
@@ -489,7 +601,8 @@ def _bar_chart(rows, header, path: Path, what: str) -> None:
 
     groups = header[1:]
     width = 0.8 / max(len(rows), 1)
-    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(len(rows), 1) / 2 + 2), 4))
+    # About a fifth of an inch per bar, within a page-wide figure.
+    figure, axes = plt.subplots(figsize=(min(24, max(6, 0.2 * len(groups) * max(len(rows), 1) + 2)), 4.5))
     for k, row in enumerate(rows):
         values = [0 if v is None else 100 * v for v in row[1:]]
         axes.bar([g + k * width for g in range(len(groups))], values, width, label=row[0])
@@ -504,8 +617,13 @@ def _bar_chart(rows, header, path: Path, what: str) -> None:
 def main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate VPT models (two-round VPT answers, scored)")
     parser.add_argument("--config", help="YAML with models, datasets and settings (see evaluation/evaluation.yaml)")
-    parser.add_argument("--model", action="append", help="NAME=PATH of a VPT checkpoint; repeatable")
+    parser.add_argument("--model", action="append",
+                        help="NAME=PATH of a VPT checkpoint; repeatable; replaces the config's models")
     parser.add_argument("--dataset", action="append", help="dataset_info.json name or released-format file; repeatable")
+    parser.add_argument("--benchmark", action="append",
+                        help="vstar, hrbench_4k, hrbench_8k, mme_realworld, mme_realworld_lite; repeatable")
+    parser.add_argument("--benchmark-dir", dest="benchmark_dir",
+                        help="folder holding the benchmark downloads, each in a folder named as its hub repository")
     parser.add_argument("--output-dir", dest="output_dir")
     parser.add_argument("--limit", type=int, help="first N questions of each dataset")
     parser.add_argument("--batch-size", dest="batch_size", type=int)
