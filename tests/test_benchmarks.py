@@ -61,15 +61,19 @@ def test_hrbench_loader_decodes_images_once_and_keeps_option_order(replicas, tmp
         assert item["question"] == question + "\n" + "\n".join(
             f"{letter}. {text}" for letter, text in zip("ABCD", options)) + "\nAnswer the option letter directly."
         assert Image.open(item["image"]).size == (480, 320)
+    if name == "hrbench_8k":  # its last row names row 0's image
+        assert items[-1]["image"] == items[0]["image"] and len(list((tmp_path / "cache").iterdir())) == ROWS - 1
     written = sorted(path.stat().st_mtime_ns for path in (tmp_path / "cache").iterdir())
     again = load_items(get_benchmark(name), replicas / "HR-Bench" / file, tmp_path / "cache")
     assert [i["image"] for i in again] == [i["image"] for i in items]
     assert sorted(path.stat().st_mtime_ns for path in (tmp_path / "cache").iterdir()) == written  # not rewritten
 
 
-@pytest.mark.parametrize("file", ["MME-RealWorld-Lite/data/MME-RealWorld-Lite.json", "MME-RealWorld-Base64/mme_realworld_lite.tsv"])
-def test_mme_realworld_loader_reads_five_options_and_task_categories(replicas, tmp_path, file):
-    items = load_items(get_benchmark("mme_realworld_lite"), replicas / file, tmp_path)
+@pytest.mark.parametrize("name, file", [("mme_realworld_lite", "MME-RealWorld-Lite/data/MME-RealWorld-Lite.json"),
+                                        ("mme_realworld_lite_tsv", "MME-RealWorld-Base64/mme_realworld_lite.tsv")])
+def test_mme_realworld_loader_reads_five_options_and_task_categories(replicas, tmp_path, name, file):
+    benchmark = get_benchmark(name)
+    items = load_items(benchmark, benchmark.locate(replicas / file.split("/")[0]), tmp_path)
     assert len(items) == ROWS
     for item, (question, options, answer, kind) in zip(items, expected_rows(4)):
         letters = "ABCDE"[: len(options) + 1]
@@ -79,6 +83,14 @@ def test_mme_realworld_loader_reads_five_options_and_task_categories(replicas, t
         assert item["category"] == {"attribute": "Perception/Monitoring", "spatial": "Reasoning/Remote Sensing"}[kind]
         assert item["question"].startswith(question + " The choices are listed below:\n(A) ")
         assert item["question"].endswith("The best answer is:") and Path(item["image"]).is_file()
+
+
+def test_an_image_cut_short_by_a_kill_is_written_again(replicas, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "0.png.partial").write_bytes(b"\x89PNG cut")  # a kill while the first image was written
+    items = load_items(get_benchmark("hrbench_4k"), replicas / "HR-Bench" / "hr_bench_4k.tsv", cache)
+    assert items[0]["image"] == str(cache / "0.png") and Image.open(items[0]["image"]).size == (480, 320)
 
 
 def test_a_missing_download_and_a_bad_row_say_what_and_where(replicas, tmp_path):
@@ -103,6 +115,10 @@ VERDICTS = [
     ("A or B", None), ("(A) or (B)", None), ("white or black", None), ("B. white", "B"),
     ("I cannot tell.", None), ("", None),
     ("<|region_token_start|>", None),  # what is left if a perception turn were taken for the answer
+    ("The bag is black, so the answer is (B).", "B"), ("It is not black; it is white. So the answer is (A).", "A"),
+    ("The car is dark red.", "C"),  # "red" is in "dark red": the option holding the other wins
+    ("I think it's B", "B"), ("The most likely answer is D", "D"), ("B is correct", "B"), ("My answer: B", "B"),
+    ("**B**", "B"), ("<answer>C</answer>", "C"), ("B<|im_end|>", "B"), ("b.", None),  # capitals only
 ]
 
 
@@ -130,11 +146,11 @@ def test_per_category_accuracy_by_hand():
 # ----------------------------------------------------------------------------- anchors.yaml end to end
 
 
-def run_anchors(model_dir, replicas, output_dir):
+def run_anchors(model_dir, replicas, output_dir, *extra):
     return subprocess.Popen(
         [sys.executable, str(REPO / "evaluation" / "evaluation.py"), "--config", str(REPO / "evaluation" / "anchors.yaml"),
          "--model", f"tiny={model_dir}", "--benchmark-dir", str(replicas), "--output-dir", str(output_dir),
-         "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu"],
+         "--batch-size", "2", "--max-new-tokens", "6", "--device", "cpu", *extra],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -164,8 +180,14 @@ def test_anchors_config_runs_on_the_replicas_resumes_and_writes_the_settings(tin
     settings = scores["settings"]
     assert settings["image_max_pixels"] == config["image_max_pixels"] and settings["max_new_tokens"] == 6
     assert settings["perception"] == "allowed" and settings["max_perception_rounds"] == config["generation"]["max_perception_rounds"]
-    assert settings["crops_from"] == "the full-resolution original"
+    assert settings["crops_from"].startswith("cut from the full-resolution original")
+    assert json.loads((whole / "tiny" / "vpt" / "vstar" / "settings.json").read_text())["max_new_tokens"] == 6
+    # Resuming with a setting that changes the answers is refused, naming it.
+    again = run_anchors(tiny_vpt_dir, replicas, whole, "--image-max-pixels", "4096")
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode != 0 and "was answered with other settings (image_max_pixels 1003520 -> 4096)" in output
     assert "Answer with the option's letter" in settings["prompt"]
     summary = (whole / "summary.md").read_text()
     assert "Published figures" in summary and "Mini-o3" in summary
+    assert "Published figures of benchmarks not in this run" in summary and "mme_realworld 57.3" in summary
     assert "image_max_pixels" in summary and (whole / "summary.png").stat().st_size > 1000

@@ -98,6 +98,16 @@ def test_features_depend_on_the_question(gdino_model, gdino_processor):
     assert not torch.allclose(features[0], features[1])
 
 
+def test_features_do_not_depend_on_the_batch(gdino_model, gdino_processor):
+    """The processor pads a batch to its largest image; each image's features are its own all the same."""
+    wide, tall = shape_image((5, 2), "red").resize((300, 200)), shape_image((1, 6), "blue").resize((200, 300))
+    with torch.no_grad():
+        alone = BRANCH.encode(gdino_model, BRANCH.preprocess([wide], gdino_processor, ["the red square."]))
+        together = BRANCH.encode(gdino_model, BRANCH.preprocess([wide, tall], gdino_processor,
+                                                                 ["the red square.", "the blue square."]))
+    torch.testing.assert_close(together[0], alone[0])
+
+
 # ----------------------------------------------------------------------------- forward and reuse
 
 

@@ -238,6 +238,20 @@ def test_bad_rows_are_reported_by_index_and_skipped(data_dir, detector, tmp_path
     assert f"image 'missing.png' not found under {data_dir}" in skipped[0]["reason"]
 
 
+def test_a_box_does_not_depend_on_the_images_batched_with_it(detector):
+    from vpt_plugin.proposals import detect, load_detector
+
+    model, processor = load_detector(detector, "cpu")
+    wide, tall = Image.new("RGB", (120, 80), (128, 128, 128)), Image.new("RGB", (80, 120), (128, 128, 128))
+    ImageDraw.Draw(wide).rectangle([10, 10, 40, 40], fill="red")
+    ImageDraw.Draw(tall).rectangle([30, 60, 60, 90], fill="blue")
+    texts = ["red square.", "blue square."]
+    together = detect(model, processor, [wide, tall], texts, 0.0, 0.0)
+    alone = [detect(model, processor, [image], [text], 0.0, 0.0)[0] for image, text in zip((wide, tall), texts)]
+    for found, expected in zip(together, alone):
+        assert found["box"] == pytest.approx(expected["box"], abs=1e-4)
+
+
 def test_the_phrase_is_the_question_the_answer_or_both(data_dir):
     row = {"image": "square0.png", "question": "What colour is the square?", "answer": "Red"}
     assert detection_text(row, "question") == "what colour is the square?."

@@ -40,6 +40,10 @@ def load_vpt_model(path: str, device: str | None = None, dtype: torch.dtype | st
     return model.eval(), AutoProcessor.from_pretrained(path)
 
 
+# What ``answer_questions`` generates with unless told otherwise (the evaluation records these).
+DEFAULT_GENERATION = {"do_sample": False, "max_new_tokens": 128, "max_perception_rounds": 1}
+
+
 def limit_pixels(image: Image.Image, max_pixels: int | None = None, min_pixels: int | None = None) -> Image.Image:
     """Resize keeping the aspect ratio so ``min_pixels <= width * height <= max_pixels`` (LLaMA-Factory's rule)."""
     image = rgb(image)
@@ -64,7 +68,7 @@ def answer_questions(model, processor, items, batch_size: int = 8, allow_percept
     """
     prepare = partial(limit_pixels, max_pixels=image_max_pixels)
     perception = PerceptionInputs(processor, prepare_image=prepare)
-    generation = {"do_sample": False, "max_new_tokens": 128, **generation}
+    generation = {**DEFAULT_GENERATION, **generation}
     answers = []
     batches = range(0, len(items), batch_size)
     for start in tqdm(batches, desc="answering", disable=not progress):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .branches.gdino import detection_caption
 from .dataset import VPTDataError, resolve_media
-from .dataset_tools import read_rows
+from .dataset_tools import REQUIRED_KEYS, read_rows
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 # Grounding DINO's own demo thresholds.
@@ -50,7 +50,6 @@ DEFAULT_BOX_THRESHOLD = 0.35
 DEFAULT_TEXT_THRESHOLD = 0.25
 PHRASE_SOURCES = ("question", "answer", "both")
 NO_BOX_MODES = ("keep", "drop")
-REQUIRED_KEYS = ("image", "question", "answer")
 STATUS_BAD = "bad"
 STATUS_NO_BOX = "no box"
 SHEET_CELL = 256  # pixels of the longer side of each image on the contact sheet
@@ -197,14 +196,26 @@ def best_box(result: dict, width: int, height: int) -> dict | None:
 @torch.no_grad()
 def detect(model, processor, images: list[Image.Image], texts: list[str], box_threshold: float,
            text_threshold: float) -> list[dict | None]:
-    """One batch through the detector: the best box of each image for its text (or None)."""
-    inputs = processor(images=images, text=texts, padding="longest", truncation=True,
-                       max_length=model.config.max_text_len, return_tensors="pt").to(model.device)
-    outputs = model(**inputs)
-    results = processor.post_process_grounded_object_detection(
-        outputs, inputs.input_ids, threshold=box_threshold, text_threshold=text_threshold,
-        target_sizes=[(image.height, image.width) for image in images])
-    return [best_box(result, image.width, image.height) for result, image in zip(results, images)]
+    """One batch through the detector: the best box of each image for its text (or None).
+
+    Images of one size go through together: the processor pads a batch to its largest image, and the
+    detector is not blind to padding, so mixing sizes would make a box depend on its batch (and so on
+    --batch-size, --shard and where a resumed run starts)."""
+    found = [None] * len(images)
+    by_size = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.size, []).append(index)
+    for members in by_size.values():
+        group = [images[i] for i in members]
+        inputs = processor(images=group, text=[texts[i] for i in members], padding="longest", truncation=True,
+                           max_length=model.config.max_text_len, return_tensors="pt").to(model.device)
+        outputs = model(**inputs)
+        results = processor.post_process_grounded_object_detection(
+            outputs, inputs.input_ids, threshold=box_threshold, text_threshold=text_threshold,
+            target_sizes=[(image.height, image.width) for image in group])
+        for index, result, image in zip(members, results, group):
+            found[index] = best_box(result, image.width, image.height)
+    return found
 
 
 def propose_boxes(source: Path, output: Path, detector: str = DEFAULT_DETECTOR, phrase: str = "question",

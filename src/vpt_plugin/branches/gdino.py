@@ -237,16 +237,16 @@ class GroundingDinoBranch(VisionBranch):
         A VPT checkpoint without one loads (a VPT model being built from a plain base is loaded from
         the base first, and gets the detector's tokenizer next); :meth:`encode` then says what is missing.
         """
+        if not source_is_encoder:
+            try:
+                model.gdino_text_tokenizer = AutoTokenizer.from_pretrained(str(source), subfolder=TOKENIZER_FOLDER)
+            except (OSError, ValueError, TypeError):  # TypeError: a model made from a state dict, no folder
+                model.gdino_text_tokenizer = None
+            return
         if source is None:
             raise VPTInputError("the gdino branch needs a Grounding DINO checkpoint for its text tokenizer "
                                 "(`vpt init --gdino`, or the recipe key vision_encoder_paths: gdino=...)")
         source = str(source)
-        if not source_is_encoder:
-            try:
-                model.gdino_text_tokenizer = AutoTokenizer.from_pretrained(source, subfolder=TOKENIZER_FOLDER)
-            except (OSError, ValueError):
-                model.gdino_text_tokenizer = None
-            return
         folder = str(Path(source).parent) if source.endswith((".pth", ".pt")) else source
         try:
             model.gdino_text_tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -277,15 +277,20 @@ class GroundingDinoBranch(VisionBranch):
         # checkpointing (it leaves out spatial_shapes_list), so the decoder always runs without it.
         detector.model.decoder.gradient_checkpointing = False
         pixels = inputs[self.pixel_key].to(detector.dtype)
-        text = tokenizer(bytes_to_texts(inputs["gdino_texts"]), padding="longest", truncation=True,
-                         max_length=detector.config.max_text_len, return_tensors="pt").to(pixels.device)
-        out = detector(pixel_values=pixels, pixel_mask=inputs["gdino_pixel_mask"], **text)
-        # Queries best first by their best word's logit (masked words are -inf in the logits).
-        scores = out.logits.max(-1).values
-        keep = scores.topk(min(QUERY_TOKENS, scores.shape[1]), dim=1).indices
-        states = out.last_hidden_state.gather(1, keep[..., None].expand(-1, -1, out.last_hidden_state.shape[-1]))
-        boxes = out.pred_boxes.gather(1, keep[..., None].expand(-1, -1, BOX_SIZE))
-        return torch.cat([states, boxes.to(states.dtype)], dim=-1)
+        texts = bytes_to_texts(inputs["gdino_texts"])
+        # One image at a time, on its own pixels: the processor pads a batch to its largest image, and
+        # neither the Swin backbone nor the encoder is blind to padding, so an image's features would
+        # change with the images it was batched with.
+        encoded = []
+        for image, mask, text in zip(pixels, inputs["gdino_pixel_mask"], texts):
+            height, width = int(mask.any(1).sum()), int(mask.any(0).sum())
+            words = tokenizer([text], truncation=True, max_length=detector.config.max_text_len,
+                              return_tensors="pt").to(pixels.device)
+            out = detector(pixel_values=image[None, :, :height, :width], pixel_mask=mask[None, :height, :width], **words)
+            # Queries best first by their best word's logit.
+            keep = out.logits[0].max(-1).values.topk(min(QUERY_TOKENS, out.logits.shape[1])).indices
+            encoded.append(torch.cat([out.last_hidden_state[0, keep], out.pred_boxes[0, keep].to(pixels.dtype)], dim=-1))
+        return torch.stack(encoded)
 
     def dummy_inputs(self, model, like):
         side = 128  # the smallest level (stride 64) needs more than one position for its group norm

@@ -54,7 +54,7 @@ PROMPTS = {
 OPTION_LINE = {"vstar": "({letter}) {text}", "hrbench": "{letter}. {text}", "mme_realworld": "({letter}) {text}"}
 OVERALL = {"vstar": "micro", "hrbench": "category_mean", "mme_realworld": "micro"}
 CATEGORY_NAMES = {"direct_attributes": "attribute", "relative_position": "spatial"}
-VSTAR_OPTION = re.compile(r"^\(([A-E])\)\s*(.+)$")
+LETTERED_OPTION = re.compile(r"^\(([A-E])\)\s*(.+)$")  # "(A) red", as V* and MME-RealWorld write options
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Benchmark:
 
         if self.format == "vstar":  # the images are files beside the questions
             return Path(snapshot_download(self.hub_id, repo_type="dataset")) / self.file
-        if self.format == "hrbench":  # one file, images inside
+        if self.file.endswith(".tsv"):  # one file, images inside
             return Path(hf_hub_download(self.hub_id, self.file, repo_type="dataset"))
         raise VPTDataError(f"benchmark {self.name}: its images come as archives; download {self.hub_id}, extract "
                            "it and give the folder (benchmark_dir, --benchmark-dir)")
@@ -92,6 +92,8 @@ BENCHMARKS = {
         Benchmark("hrbench_8k", "hrbench", "DreamMr/HR-Bench", "hr_bench_8k.tsv"),
         Benchmark("mme_realworld", "mme_realworld", "yifanzhang114/MME-RealWorld", "MME_RealWorld.json"),
         Benchmark("mme_realworld_lite", "mme_realworld", "yifanzhang114/MME-RealWorld-Lite", "data/MME-RealWorld-Lite.json"),
+        # The same questions with base64 images in one file (VLMEvalKit's layout): from the Hub directly.
+        Benchmark("mme_realworld_lite_tsv", "mme_realworld", "yifanzhang114/MME-RealWorld-Base64", "mme_realworld_lite.tsv"),
     )
 }
 
@@ -132,7 +134,7 @@ def _vstar_rows(path: Path, image_cache: Path):
         _require(row, ("image", "text", "label", "category"), where)
         stem, options = [], {}
         for text_line in row["text"].splitlines():
-            option = VSTAR_OPTION.match(text_line.strip())
+            option = LETTERED_OPTION.match(text_line.strip())
             if option:
                 options[option[1]] = option[2].strip()
             elif not options:
@@ -146,24 +148,25 @@ def _vstar_rows(path: Path, image_cache: Path):
 
 
 def _hrbench_rows(path: Path, image_cache: Path):
+    images = {}  # row index -> cached image path
     for number, row in enumerate(_table_rows(path)):
         where = f"{path}, row {number}"
         _require(row, ("index", "question", "answer", "category", "image"), where)
         options = {letter: str(row[letter]) for letter in "ABCD" if row.get(letter) not in (None, "")}
-        image = _cached_image(row["image"], image_cache / f"{row['index']}", where)
+        image = _row_image(row, images, image_cache, where)
         yield row["question"], options, str(row["answer"]).strip(), row["category"], image
 
 
 def _mme_realworld_rows(path: Path, image_cache: Path):
     if path.suffix == ".tsv":
+        images = {}
         for number, row in enumerate(_table_rows(path)):
             where = f"{path}, row {number}"
             _require(row, ("index", "question", "multi-choice options", "answer", "category", "image"), where)
-            choices = row["multi-choice options"]
-            choices = json.loads(choices) if isinstance(choices, str) and choices.startswith("[") else choices
-            image = _cached_image(row["image"], image_cache / f"{row['index']}", where)
+            image = _row_image(row, images, image_cache, where)
             category = f"{row.get('l2-category') or row['category']}"
-            yield row["question"], _lettered(choices, where), str(row["answer"]).strip(), category, image
+            yield (row["question"], _lettered(row["multi-choice options"], where), str(row["answer"]).strip(),
+                   category, image)
         return
     rows = json.loads(path.read_text(encoding="utf-8"))
     for number, row in enumerate(rows):
@@ -178,14 +181,18 @@ def _mme_realworld_rows(path: Path, image_cache: Path):
                f"{row['Task']}/{row['Subtask']}", str(image))
 
 
-def _lettered(choices: list[str], where: str) -> dict[str, str]:
-    """``["(A) red", "(B) blue"]`` -> ``{"A": "red", "B": "blue"}``."""
+def _lettered(choices, where: str) -> dict[str, str]:
+    """``["(A) red", "(B) blue"]`` -> ``{"A": "red", "B": "blue"}``. A TSV gives the list as JSON text, or as
+    one text with an option per line (``"The choices are listed below:\n(A) red\n(B) blue"``)."""
+    if isinstance(choices, str):
+        choices = json.loads(choices) if choices.lstrip().startswith("[") else choices.splitlines()
     options = {}
     for choice in choices:
-        found = VSTAR_OPTION.match(str(choice).strip())
-        if not found:
-            raise VPTDataError(f"{where}: answer choice {choice!r} is not '(X) text'")
-        options[found[1]] = found[2].strip()
+        found = LETTERED_OPTION.match(str(choice).strip())
+        if found:
+            options[found[1]] = found[2].strip()
+    if not options:
+        raise VPTDataError(f"{where}: no answer choices written '(X) text' in {choices!r}")
     return options
 
 
@@ -202,10 +209,27 @@ def _table_rows(path: Path):
         yield from csv.DictReader(file, delimiter="\t")
 
 
+# VLMEvalKit's TSVs write a repeated image once: other rows hold the index of the row that has it.
+_IMAGE_REFERENCE_LENGTH = 64
+
+
+def _row_image(row: dict, images: dict, image_cache: Path, where: str) -> str:
+    """The cached image of a TSV row (``images``: row index -> path, of the rows read so far)."""
+    data = str(row["image"])
+    if len(data) <= _IMAGE_REFERENCE_LENGTH:
+        if data not in images:
+            raise VPTDataError(f"{where}: image: {data!r} names row {data}, which holds no image before this row")
+        path = images[data]
+    else:
+        path = _cached_image(data, image_cache / str(row["index"]), where)
+    images[str(row["index"])] = path
+    return path
+
+
 def _cached_image(data: str, stem: Path, where: str) -> str:
     """A base64 image written once to ``stem`` + its format's suffix; its path."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    found = list(stem.parent.glob(stem.name + ".*"))
+    found = [path for path in stem.parent.glob(stem.name + ".*") if not path.name.endswith(".partial")]
     if found:
         return str(found[0])
     try:
@@ -228,28 +252,35 @@ def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
 
 # ----------------------------------------------------------------------------- the answer's letter
 
+_MARKUP = re.compile(r"\*\*|</?answer>|<\|[^|>]*\|>")  # bold, answer tags, special tokens
 _PREFIXES = re.compile(r"^(?:the\s+)?(?:best\s+|correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*",
                        re.IGNORECASE)
 _LEADING_LETTER = re.compile(r"^\(?([A-E])\)?(?:[.:)\]]|\s*$)")
+_LEADING_CLAIM = re.compile(r"^\(?([A-E])\)?\s+is\b")  # "B is correct"
+_STATED_LETTER = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?:?\s*\(?([A-E])\)?(?!\w)")
 _MARKED_LETTER = re.compile(r"(?:\(([A-E])\))|(?:\b([A-E])[.:)\]](?!\w))")
+_TRAILING_LETTER = re.compile(r"(?:^|\s)\(?([A-E])\)?[.!]?$")  # "I think it's B"
 
 
 def extract_choice(answer: str, options: dict[str, str]) -> str | None:
     """The option an answer names, or None when it names none or several.
 
     The rule, in order (the answer is the final turn: after a perception round, the text of the
-    turn that answers):
-    1. Leading phrases "The answer is", "Best answer:", "Option", ... are dropped.
+    turn that answers; option letters are read in capitals only, as VLMEvalKit reads them):
+    1. Markup is dropped (``**``, ``<answer>`` tags, special tokens), then leading phrases "The
+       answer is", "Best answer:", "Option", ...
     2. The answer starts with a letter of the options alone or marked: ``B``, ``(B)``, ``B.``,
        ``B)``, ``B:`` -> that letter, unless another letter is marked later ("(A) or (B)": None);
-       also ``B`` followed by that option's text.
-    3. The answer, or a phrase within it, is the text of exactly one option (case, articles and
-       punctuation ignored; whole words) -> that option. Two options' texts -> None, unless one is
-       the answer exactly.
-    4. Letters marked anywhere (``(B)``, ``B.``): exactly one distinct -> it; several -> None.
-    A bare capital letter inside a sentence ("A red bag") is not read as a choice.
+       also ``B`` followed by that option's text, and ``B is ...``.
+    3. A letter stated anywhere ("so the answer is (B)", "My answer: B"): exactly one distinct -> it.
+    4. The answer, or a phrase within it, is the text of exactly one option (case, articles and
+       punctuation ignored; whole words) -> that option; when several match and one of them holds
+       all the others ("dark red" and "red"), that one; otherwise None.
+    5. Letters marked anywhere (``(B)``, ``B.``): exactly one distinct -> it; several -> None.
+    6. A letter standing alone at the end ("I think it's B"), the only one standing alone -> it.
+    A bare capital inside a sentence ("A red bag") is not read as a choice.
     """
-    text = _PREFIXES.sub("", answer.strip()).strip()
+    text = _PREFIXES.sub("", _MARKUP.sub("", answer).strip()).strip()
     marked = {a or b for a, b in _MARKED_LETTER.findall(text)} & set(options)
     leading = _LEADING_LETTER.match(text)
     if leading and leading[1] in options:
@@ -257,17 +288,33 @@ def extract_choice(answer: str, options: dict[str, str]) -> str | None:
     first_word = re.match(r"^\(?([A-E])\)?\s+(.+)$", text, re.DOTALL)
     if first_word and first_word[1] in options and _normal(first_word[2]) == _normal(options[first_word[1]]):
         return first_word[1]
+    claim = _LEADING_CLAIM.match(text)
+    if claim and claim[1] in options:
+        return claim[1]
+    stated = set(_STATED_LETTER.findall(text)) & set(options)
+    if len(stated) == 1:
+        return stated.pop()
+    if stated:
+        return None
     said = _normal(text)
     exact = [letter for letter, option in options.items() if _normal(option) == said]
     if len(exact) == 1:
         return exact[0]
     within = [letter for letter, option in options.items()
               if _normal(option) and re.search(rf"(?:^| ){re.escape(_normal(option))}(?: |$)", said)]
-    if len(within) == 1:
-        return within[0]
-    if len(within) > 1:
+    holding_all = [letter for letter in within
+                   if all(_normal(options[other]) in _normal(options[letter]) for other in within)]
+    if len(within) == 1 or len(holding_all) == 1:
+        return (within if len(within) == 1 else holding_all)[0]
+    if within:
         return None
-    return marked.pop() if len(marked) == 1 else None
+    if len(marked) == 1:
+        return marked.pop()
+    if marked:
+        return None
+    trailing = _TRAILING_LETTER.search(text)
+    alone = set(re.findall(r"(?<!\w)([A-E])(?!\w)", text)) & set(options)
+    return trailing[1] if trailing and alone == {trailing[1]} else None
 
 
 def _normal(text: str) -> str:

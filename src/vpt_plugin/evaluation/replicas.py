@@ -4,7 +4,8 @@
 a few questions per benchmark in the exact layout of its hub download (``benchmarks.py`` says which):
 
 - ``vstar_bench/``: ``test_questions.jsonl`` and the images in ``direct_attributes/`` and ``relative_position/``;
-- ``HR-Bench/``: ``hr_bench_4k.tsv``, ``hr_bench_8k.tsv`` (base64 images) and ``hr_bench_4k.parquet``;
+- ``HR-Bench/``: ``hr_bench_4k.tsv``, ``hr_bench_8k.tsv`` (base64 images; in the 8K one the last row
+  names row 0 for its image, as VLMEvalKit's files share an image) and ``hr_bench_4k.parquet``;
 - ``MME-RealWorld-Lite/``: ``data/MME-RealWorld-Lite.json`` with ``data/imgs/``; and
   ``MME-RealWorld-Base64/mme_realworld_lite.tsv``.
 
@@ -73,13 +74,17 @@ def write_vstar(folder: Path) -> None:
     (folder / "test_questions.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def hrbench_rows(seed: int) -> list[dict]:
+def hrbench_rows(seed: int, shared_image: bool = False) -> list[dict]:
+    """HR-Bench rows; with ``shared_image`` the last row holds row 0's index instead of an image, as
+    VLMEvalKit's TSVs write an image that several rows share."""
     rows = []
     for number, (image, question, options, answer, kind) in enumerate(_questions(seed)):
         padded = options + [""] * (4 - len(options))
         rows.append({"index": number, "question": question, "answer": answer,
                      "category": {"attribute": "single", "spatial": "cross"}[kind],
                      **dict(zip("ABCD", padded)), "cycle_category": f"cycle_{number % 2}", "image": _base64(image)})
+    if shared_image:
+        rows[-1]["image"] = "0"
     return rows
 
 
@@ -96,7 +101,7 @@ def write_hrbench(folder: Path) -> None:
     import pyarrow.parquet
 
     write_tsv(folder / "hr_bench_4k.tsv", hrbench_rows(2))
-    write_tsv(folder / "hr_bench_8k.tsv", hrbench_rows(3))
+    write_tsv(folder / "hr_bench_8k.tsv", hrbench_rows(3, shared_image=True))
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(hrbench_rows(2)), folder / "hr_bench_4k.parquet")
 
 
@@ -117,7 +122,8 @@ def write_mme_realworld(lite: Path, base64_folder: Path) -> None:
                         "Image": f"{number}.jpg", "Text": question, "Answer choices": choices, "Ground truth": answer,
                         "Task": task, "Subtask": subtask, "Category": "Colours", "Dataset": "replica"})
         tsv.append({"index": number, "image": _base64(image), "question": question,
-                    "multi-choice options": json.dumps(choices), "answer": answer, "category": subtask,
+                    "multi-choice options": "The choices are listed below:\n" + "\n".join(choices),
+                    "answer": answer, "category": subtask,
                     "l2-category": f"{task}/{subtask}"})
     (lite / "data" / "MME-RealWorld-Lite.json").write_text(json.dumps(records, indent=1))
     write_tsv(base64_folder / "mme_realworld_lite.tsv", tsv)

@@ -96,6 +96,12 @@ def load_settings(args, repo: Path) -> dict:
                          f"{sorted(PERCEPTION_PROMPTS)}")
     for name in settings.get("benchmarks") or []:
         get_benchmark(name)  # an unknown name fails before any model loads
+    for anchor in settings.get("anchors") or []:
+        for key in ("system", "source", "scores"):
+            if key not in anchor:
+                raise SystemExit(f"evaluation: an anchor lacks {key!r}: {anchor}")
+        for name in anchor["scores"]:
+            get_benchmark(name)
     return settings
 
 
@@ -264,12 +270,14 @@ def evaluate(settings: dict) -> dict:
             for name, (items, path) in benchmark_items.items():
                 out = output_dir / model_name / variant / name
                 out.mkdir(parents=True, exist_ok=True)
+                answer_settings = run_settings(settings, name, path, allow_perception, model)
+                check_resumed_settings(out, answer_settings)
                 predictions = predict(model, processor, items, out / "predictions.jsonl", settings, allow_perception,
                                       f"{label} / {name}")
                 scores = {"items": len(predictions), **multiple_choice_scores(predictions, get_benchmark(name).format),
                           "perceived": sum(bool(p["trace"]["rounds"]) for p in predictions),
                           "malformed": sum(bool(p["trace"]["problem"]) for p in predictions),
-                          "settings": run_settings(settings, name, path, allow_perception, model)}
+                          "settings": answer_settings}
                 (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
                 table[label][name] = scores
             for dataset in settings.get("datasets") or []:
@@ -302,11 +310,13 @@ def benchmark_questions(name: str, settings: dict) -> tuple[list[dict], Path]:
 
 def run_settings(settings: dict, benchmark: str, path: Path, allow_perception: bool, model) -> dict:
     """Every setting that changes a benchmark score, as ``scores.json`` and the summary record it."""
-    generation = {"max_new_tokens": 128, "max_perception_rounds": 1, "do_sample": False, **(settings.get("generation") or {})}
+    from ..inference import DEFAULT_GENERATION
+
+    generation = {**DEFAULT_GENERATION, **(settings.get("generation") or {})}
     instruction = PERCEPTION_PROMPTS[settings.get("perception_prompt", "none")]
     return {
         "image_max_pixels": settings["image_max_pixels"],
-        "crops_from": "the full-resolution original",
+        "crops_from": CROPS_FROM,
         "max_new_tokens": generation.pop("max_new_tokens"),
         "max_perception_rounds": generation.pop("max_perception_rounds"),
         "perception": "allowed" if allow_perception else "suppressed",
@@ -319,6 +329,29 @@ def run_settings(settings: dict, benchmark: str, path: Path, allow_perception: b
         "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
     }
+
+
+# Where a second look's pixels come from (generation.PerceptionInputs, inference.answer_questions).
+CROPS_FROM = ("cut from the full-resolution original, each crop then shown within image_max_pixels; branch encoders "
+              "read the original at their own resolution")
+
+# Settings whose change makes earlier predictions another run's (device, batch size and the limit do not).
+ANSWER_SETTINGS = ("image_max_pixels", "max_new_tokens", "max_perception_rounds", "perception", "perception_prompt",
+                   "prompt", "sampling", "questions", "dtype")
+
+
+def check_resumed_settings(out: Path, found: dict) -> None:
+    """Record the answer settings beside the predictions; refuse to resume predictions made with others."""
+    path = out / "settings.json"
+    wanted = {key: found[key] for key in ANSWER_SETTINGS}
+    if path.is_file() and (out / "predictions.jsonl").is_file():
+        earlier = json.loads(path.read_text())
+        changed = [key for key in ANSWER_SETTINGS if earlier.get(key) != wanted[key]]
+        if changed:
+            details = ", ".join(f"{key} {earlier.get(key)!r} -> {wanted[key]!r}" for key in changed)
+            raise SystemExit(f"evaluation: {out / 'predictions.jsonl'} was answered with other settings ({details}); "
+                             "give another output_dir, or delete that folder to answer again")
+    path.write_text(json.dumps(wanted, indent=1) + "\n")
 
 
 def score_predictions(predictions, dataset_name, settings, judge_config, out: Path) -> dict:
@@ -474,6 +507,7 @@ def write_summary(table: dict, output_dir: Path, score_key: str, anchors: list[d
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([row[0], *map(show, row[1:])]) + " |" for row in rows]
     markdown = (f"Scores ({what}, x100)\n\n" + "\n".join(lines) + "\n\n" + anchors_table(anchors)
+                + anchors_not_shown(anchors, datasets)
                 + settings_table(table) + judge_coverage_table(table) + looks_table(table))
     (output_dir / "summary.md").write_text(markdown)
     with open(output_dir / "summary.csv", "w", newline="") as out:
@@ -500,6 +534,17 @@ def anchors_table(anchors: list[dict] | None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def anchors_not_shown(anchors: list[dict] | None, datasets: list[str]) -> str:
+    """Markdown: the published figures of benchmarks this run did not answer (so the table has no column)."""
+    hidden = [f"{anchor['system']}: " + ", ".join(f"{name} {value}" for name, value in anchor["scores"].items()
+                                                   if name not in datasets)
+              for anchor in anchors or [] if set(anchor["scores"]) - set(datasets)]
+    if not hidden:
+        return ""
+    return ("Published figures of benchmarks not in this run (x100; e.g. the full MME-RealWorld beside a Lite run, "
+            "which are not the same questions): " + "; ".join(hidden) + ".\n\n")
+
+
 def settings_table(table: dict) -> str:
     """Markdown: the settings each benchmark score was made with (empty without benchmarks)."""
     lines = []
@@ -514,8 +559,8 @@ def settings_table(table: dict) -> str:
                          f"{found['dtype']} | {prompt} |")
     if not lines:
         return ""
-    header = ["Settings of the benchmark scores (crops and branch images read the full-resolution original; "
-              "image_max_pixels is the base image's pixel budget)", "",
+    header = [f"Settings of the benchmark scores (image_max_pixels: the pixel budget of the image shown to the model; "
+              f"crops are {CROPS_FROM})", "",
               "| model | benchmark | image_max_pixels | max_new_tokens | perception | perception prompt | "
               "perception rounds | dtype | prompt (⏎: new line) |", "|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(header + lines) + "\n\n"
@@ -604,7 +649,7 @@ def _bar_chart(rows, header, path: Path, what: str) -> None:
     # About a fifth of an inch per bar, within a page-wide figure.
     figure, axes = plt.subplots(figsize=(min(24, max(6, 0.2 * len(groups) * max(len(rows), 1) + 2)), 4.5))
     for k, row in enumerate(rows):
-        values = [0 if v is None else 100 * v for v in row[1:]]
+        values = [float("nan") if v is None else 100 * v for v in row[1:]]  # no bar where there is no figure
         axes.bar([g + k * width for g in range(len(groups))], values, width, label=row[0])
     axes.set_xticks([g + width * (len(rows) - 1) / 2 for g in range(len(groups))], groups, rotation=20, ha="right")
     axes.set_ylabel(f"score ({what}, x100)")
