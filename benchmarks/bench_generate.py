@@ -142,6 +142,8 @@ class Case:
     batch: int
     run: object = None
     times: list = field(default_factory=list)
+    prompt_tokens: int = 0  # of the first row
+    first_call: float | None = None  # the checking call's wall time (on CPU the device needs no sync)
 
     @property
     def median(self) -> float:
@@ -191,8 +193,16 @@ def make_cases(vpt, plain, processor, args, kind: str, batch_size: int, device) 
             traces.append(trace.to_dict())
         return answers, traces
 
-    return [Case(kind, "plain", batch_size, run_plain), Case(kind, "ours", batch_size, run_ours),
-            Case(kind, "reread", batch_size, run_reread)]
+    return [Case(kind, path, batch_size, run, prompt_tokens=len(prompt_ids[0]))
+            for path, run in (("plain", run_plain), ("ours", run_ours), ("reread", run_reread))]
+
+
+def timed_call(case: Case):
+    """``case.run()``, its wall time kept as ``case.first_call`` (the figure when ``--repeats 0``)."""
+    start = time.perf_counter()
+    result = case.run()
+    case.first_call = time.perf_counter() - start
+    return result
 
 
 def check(cases: list[Case], n: int) -> list[str]:
@@ -200,9 +210,9 @@ def check(cases: list[Case], n: int) -> list[str]:
     problems = []
     by_path = {c.path: c for c in cases}
     kind = cases[0].kind
-    plain_answers = by_path["plain"].run()
-    ours_answers, ours_traces = by_path["ours"].run()
-    reread_answers, reread_traces = by_path["reread"].run()
+    plain_answers = timed_call(by_path["plain"])
+    ours_answers, ours_traces = timed_call(by_path["ours"])
+    reread_answers, reread_traces = timed_call(by_path["reread"])
     for path, answers in (("plain", plain_answers), ("ours", ours_answers), ("reread", reread_answers)):
         lengths = [len(a) for a in answers]
         if any(length != n for length in lengths):
@@ -224,6 +234,9 @@ PRESETS = {
     "default": dict(answer_tokens=64, batch_size=4, image_side=448, question_words=12, repeats=5, warmup=0),
     # reread answers a batch row by row through the two-pass forward: keep the answers short enough to finish
     "2b": dict(answer_tokens=32, batch_size=8, image_side=448, question_words=12, repeats=3, warmup=0),
+    # Real prompts: about 1000 tokens (256 image tokens at 448 px and a long question); batch 1 and 8. The
+    # re-read flow re-reads ~1000 tokens per answer token, row by row: one call per case, the checking one.
+    "proportional": dict(answer_tokens=8, batch_size=8, image_side=448, question_words=450, repeats=0, warmup=0),
 }
 
 
@@ -234,7 +247,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="prompts per call for the throughput figure")
     parser.add_argument("--image-side", type=int, help="side in pixels of the square image")
     parser.add_argument("--question-words", type=int)
-    parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed calls per case (median reported); 0: the checking call's time is the figure")
     parser.add_argument("--warmup", type=int,
                         help="untimed rounds over all cases, after the checking call of each case (itself a warm-up)")
     args = parser.parse_args(argv)
@@ -255,7 +269,7 @@ def main(argv=None) -> None:
     device = args.device
     tmp = common.workdir("vpt-bench-generate-")
     vpt, plain, processor = common.build_models(args.shape, args.dtype, device, tmp.name, args.llm_layers,
-                                                args.encoder_layers)
+                                                args.encoder_layers, args.depth_factor)
     common.set_image_side(processor, args.image_side)
     vpt.eval()
     plain.eval()
@@ -282,6 +296,9 @@ def main(argv=None) -> None:
                 common.sync(device)
                 case.times.append(time.perf_counter() - start)
             print(f"  round {r + 1}/{args.repeats} done ({time.perf_counter() - wall_start:.0f} s)", flush=True)
+        if args.repeats == 0:
+            for case in cases:
+                case.times = [case.first_call]
     elapsed = time.perf_counter() - wall_start
     report(args, vpt, cases, problems, elapsed)
 
@@ -323,17 +340,26 @@ def report(args, vpt, cases, problems, elapsed) -> None:
         "generate_ratio_vpt_over_plain": mean(ratios("ours", "plain", 1)),
         "generate_ratio_reread_over_ours": mean(ratios("reread", "ours", 1)),
     }
+    # Per kind, not a mean that hides one: the one-call loop's latency over plain's at batch 1; the
+    # re-read flow over the one-call loop at batch 1 and at the batch size (8 in the default preset),
+    # the worst kind.
+    per_kind = {f"answer_over_plain_{k}": v for k, v in zip(args.kinds, ratios("ours", "plain", 1))}
+    per_kind["reread_over_ours_b1"] = min(ratios("reread", "ours", 1))
+    per_kind[f"reread_over_ours_b{args.batch_size}"] = min(ratios("reread", "ours", args.batch_size))
+    prompt_tokens = {k: by_key[(k, "ours", 1)].prompt_tokens for k in args.kinds}
 
     info = common.machine_info(device)
     extras = {
         "command": f"`{common.command_line()}`",
-        "model": f"{args.shape} ({'tests/conftest.py tiny checkpoint' if args.shape == 'tiny' else 'random, Qwen2-VL-2B-Instruct shapes'}), "
+        "model": f"{common.shape_description(args)}, "
                  f"dtype {str(args.dtype).replace('torch.', '')}, parameters {common.format_count(counts['total'])} "
                  f"(LLM FLOP params {common.format_count(counts['llm_flops_params'])})",
         "inputs": f"image {args.image_side}x{args.image_side}, question ~{args.question_words} words + the published "
-                  f"request prompt; answers of exactly {n} tokens; batch 1 (latency) and {args.batch_size} (throughput)",
-        "timing": f"one checking call per case plus {args.warmup} warm-up rounds, {args.repeats} timed round-robin rounds, "
-                  f"median; torch threads {torch.get_num_threads()}; wall {elapsed:.0f} s",
+                  f"request prompt (prompt tokens at batch 1: {', '.join(f'{k} {v}' for k, v in prompt_tokens.items())}); "
+                  f"answers of exactly {n} tokens; batch 1 (latency) and {args.batch_size} (throughput)",
+        "timing": (f"one checking call per case plus {args.warmup} warm-up rounds, {args.repeats} timed round-robin rounds, "
+                   f"median" if args.repeats else "one call per case, the checking call (timed; no warm-up)")
+                  + f"; torch threads {torch.get_num_threads()}; wall {elapsed:.0f} s",
         "checks": "all passed (answer lengths, one perception of the intended kind per VPT row, ours == reread)"
                   if not problems else "PROBLEMS: " + "; ".join(problems),
     }
@@ -350,21 +376,21 @@ scratch through the two-pass forward at every step, rows one by one). Every answ
 counts answer tokens only; the VPT paths also decode round 1 and read the perception turn, which
 is what their ratios to plain charge them for. Decode MFU (CUDA only): 2 x LLM FLOP params x
 answer tokens / time / GPU dense bf16 peak.
-{"" if device.type == "cuda" else chr(10) + "Run on CPU, without a GPU (none was available in the session that produced these figures): tiny-model CPU figures, where per-call Python overhead weighs far more than on a GPU with a real model. The CPU was shared with other work; the round-robin medians are the figures to read." + chr(10)}
+{"" if device.type == "cuda" else chr(10) + ("Run on CPU, without a GPU (none was available in the session that produced these figures): tiny-model CPU figures, where per-call Python overhead weighs far more than on a GPU with a real model. The CPU was shared with other work; the round-robin medians are the figures to read." if args.shape == "tiny" else "Run on CPU, without a GPU (none was available in the session that produced these figures), on the " + args.shape + " shape: the widths of the 2B model and its encoders, so each call's compute is in the proportions of a GPU run, not its per-call overheads.") + chr(10)}
 {table}
 
 Per-kind latency ratios at batch 1: ours/plain {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("ours", "plain", 1)))}; reread/ours {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("reread", "ours", 1)))}.
 Headlines: batch-1 latency ratios, mean over the kinds.
 
 ```
-{chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines}.items())}
+{chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines, **per_kind}.items())}
 ```
 """
     print()
     print(table)
     for problem in problems:
         print(f"CHECK FAILED: {problem}")
-    common.finish_run("generate", text if args.report else None, elapsed, {**extra, **headlines})
+    common.finish_run("generate", text if args.report else None, elapsed, {**extra, **headlines, **per_kind}, args.quick)
 
 
 if __name__ == "__main__":

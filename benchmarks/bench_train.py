@@ -135,7 +135,7 @@ def to_device(batch: dict, device, dtype) -> dict:
 @dataclass
 class Setup:
     branch: str
-    model: str  # plain, vpt-opt, vpt-ref
+    model: str  # plain, vpt-opt, vpt-ref; or encoder (the branch encoder's forward alone, for the physical limit)
     para: str  # off, masked, unmasked (the para-mask draw, forced)
     grad_ckpt: bool
     times: list = field(default_factory=list)
@@ -197,6 +197,20 @@ def configure(vpt, plain, setup: Setup):
     config.para_mask_id = 0 if setup.para == "off" else 1
     config.para_mask_ratio = {"off": 0.5, "masked": 1.0, "unmasked": 0.0}[setup.para]
     return vpt
+
+
+def encoder_step(vpt, branch: str, batch: dict):
+    """One forward of the branch's encoder on the batch's branch images, without gradients (frozen, as
+    the recipes keep it): what a VPT step must add to plain's at the least."""
+    from vpt_plugin.branches import get_branch
+
+    encoder = get_branch(branch)
+    inputs = {key: batch[key] for key in (encoder.pixel_key, *encoder.extra_inputs()) if key in batch}
+
+    def step():
+        with torch.no_grad():
+            encoder.encode(vpt, inputs)
+    return step
 
 
 def make_step(module, batch, optimizer, vpt):
@@ -364,6 +378,28 @@ class Breakdown:
 
 OTHER = "other forward (embeddings, RoPE/masks, scatter, projectors, loss)"
 
+CPU_NOTE = {
+    "tiny": "Run on CPU, without a GPU (none was available in the session that produced these figures): they show "
+            "the relative cost of the VPT forward's parts on a tiny model, not GPU speed. The CPU was shared with "
+            "other work, so single steps vary; the round-robin medians are the figures to read.",
+    "proportional": "Run on CPU, without a GPU (none was available in the session that produced these figures), on "
+                    "the proportional shape: every width of the 2B model and its encoders, every depth cut by one "
+                    "factor, so the time ratios are those of a GPU run in proportion (CPU and GPU kernels differ in "
+                    "efficiency, attention most). Few timed steps of several seconds each: read the min-max ranges "
+                    "beside the medians.",
+    "2b": "Run on CPU at the 2B shapes.",
+}
+READING = {
+    "proportional": (
+        "Reading the proportional figures: time scales with depth for the LLM and every encoder alike, so the "
+        "time ratios carry over to the real depths. Memory does not: the step peak is the activations kept for "
+        "backward (they scale with depth) plus the largest transient of a single layer (it does not). The VPT "
+        "step's extra peak over plain's is such a transient (the clip branch's second ViT call, SAM's global "
+        "attention over its 64x64 grid, about 1 GiB per 16 heads in fp32), so against a one-layer LLM it weighs "
+        "as it would against a 28-layer one only 1/28 as much; the saved-for-backward ratio (activations, which "
+        "do scale) is the figure that carries over.\n"),
+}
+
 
 # ---------------------------------------------------------------------------- main
 
@@ -376,6 +412,9 @@ PRESETS = {
                     grad_ckpt="both", breakdown=3, cpu_peak=True),
     "2b": dict(batch_size=4, image_side=448, question_words=12, answer_words=24, repeats=10, warmup=3,
                grad_ckpt="both", breakdown=3, cpu_peak=True),
+    # Released-style rows of 800-1500 tokens (256 base-image and 256 branch-image tokens at 448 px).
+    "proportional": dict(batch_size=1, image_side=448, question_words=60, answer_words=250, repeats=2, warmup=1,
+                         grad_ckpt="off", breakdown=1, cpu_peak=True),
 }
 
 
@@ -427,7 +466,7 @@ def main(argv=None) -> None:
     device = args.device
     tmp = common.workdir("vpt-bench-train-")
     vpt, plain, processor = common.build_models(args.shape, args.dtype, device, tmp.name, args.llm_layers,
-                                                args.encoder_layers)
+                                                args.encoder_layers, args.depth_factor)
     common.set_image_side(processor, args.image_side)
     vpt.train()
     plain.train()
@@ -449,6 +488,7 @@ def main(argv=None) -> None:
     grad_ckpt = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
     setups = []
     for branch in args.branches:
+        setups.append(Setup(branch, "encoder", "off", False))
         for ckpt in grad_ckpt:
             setups.append(Setup(branch, "plain", "off", ckpt))
             for model_name in ("vpt-opt", "vpt-ref"):
@@ -456,6 +496,8 @@ def main(argv=None) -> None:
                     setups.append(Setup(branch, model_name, para, ckpt))
 
     def step_of(setup):
+        if setup.model == "encoder":
+            return None, vpt_batches[setup.branch], encoder_step(vpt, setup.branch, vpt_batches[setup.branch])
         module = configure(vpt, plain, setup)
         batch = plain_batches[setup.branch] if setup.model == "plain" else vpt_batches[setup.branch]
         return module, batch, make_step(module, batch, optimizer, vpt)
@@ -474,8 +516,9 @@ def main(argv=None) -> None:
             setup.times.append(time.perf_counter() - start)
         print(f"  round {r + 1}/{args.repeats} done ({time.perf_counter() - wall_start:.0f} s)", flush=True)
     for setup in setups:
-        module, batch, step = step_of(setup)
-        measure_memory(setup, module, batch, step, vpt, device, args.cpu_peak)
+        if setup.model != "encoder":
+            module, batch, step = step_of(setup)
+            measure_memory(setup, module, batch, step, vpt, device, args.cpu_peak)
 
     breakdowns = {}
     if args.breakdown:
@@ -518,7 +561,8 @@ def report(args, vpt, processor, setups, tokens, vpt_batches, breakdowns, elapse
                 number(saved / plain.saved, 2), mfu]
 
     rows = [row(s.branch, s.model, s.para, s.grad_ckpt, s.median,
-                f"{1000 * min(s.times):.1f}-{1000 * max(s.times):.1f}", s.peak, s.saved) for s in setups]
+                f"{1000 * min(s.times):.1f}-{1000 * max(s.times):.1f}", s.peak, s.saved)
+            for s in setups if s.model != "encoder"]
     for branch in args.branches:
         for model_name in ("vpt-opt", "vpt-ref"):
             rows.append(row(branch, model_name, "0.5 mix", False, mix(branch, model_name), "-",
@@ -551,6 +595,28 @@ def report(args, vpt, processor, setups, tokens, vpt_batches, breakdowns, elapse
         "train_ratio_vpt_over_plain_paramask": mean(ratio("vpt-opt", "mix", "time")),
         "memory_ratio_vpt_over_plain": max(memory_opt),
     }
+    # Against the physical limit: plain's step plus one forward of the branch encoder (frozen) on the
+    # branch images; the memory of vpt-opt over plain's, the worst para-mask setting, per branch: the
+    # step peak where it was measured (CUDA, or CPU with --cpu-peak), else the bytes saved for backward.
+    limit = {b: by_key[(b, "plain", "off", False)].median + by_key[(b, "encoder", "off", False)].median
+             for b in args.branches}
+    peak_measured = device.type == "cuda" or args.cpu_peak
+    per_branch = {}
+    for b in args.branches:
+        per_branch[f"train_over_limit_{b}"] = by_key[(b, "vpt-opt", "off", False)].median / limit[b]
+    for b in args.branches:
+        per_branch[f"train_over_limit_paramask_{b}"] = mix(b, "vpt-opt") / limit[b]
+    for b in args.branches:
+        plain_setup = by_key[(b, "plain", "off", False)]
+        attribute = "peak" if peak_measured else "saved"
+        per_branch[f"memory_over_plain_{b}"] = max(
+            getattr(by_key[(b, "vpt-opt", p, False)], attribute) / getattr(plain_setup, attribute)
+            for p in ("off", "unmasked", "masked"))
+    limit_line = "; ".join(
+        f"{b}: plain {1000 * by_key[(b, 'plain', 'off', False)].median:.1f} ms + encoder "
+        f"{1000 * by_key[(b, 'encoder', 'off', False)].median:.1f} ms = {1000 * limit[b]:.1f} ms, vpt-opt "
+        f"{1000 * by_key[(b, 'vpt-opt', 'off', False)].median:.1f} ms, 0.5 mix {1000 * mix(b, 'vpt-opt'):.1f} ms"
+        for b in args.branches)
     extra = {
         "train_ratio_ref_over_plain": mean(ratio("vpt-ref", "off", "time")),
         "train_ratio_ref_over_plain_paramask": mean(ratio("vpt-ref", "mix", "time")),
@@ -594,7 +660,7 @@ def report(args, vpt, processor, setups, tokens, vpt_batches, breakdowns, elapse
     info = common.machine_info(device)
     extras = {
         "command": f"`{common.command_line()}`",
-        "model": f"{args.shape} ({'tests/conftest.py tiny checkpoint' if args.shape == 'tiny' else 'random, Qwen2-VL-2B-Instruct shapes'}), "
+        "model": f"{common.shape_description(args)}, "
                  f"dtype {str(args.dtype).replace('torch.', '')}, parameters {common.format_count(counts['total'])} "
                  f"(LLM FLOP params {common.format_count(counts['llm_flops_params'])}, ViT {common.format_count(counts['vit'])})",
         "batch": f"{args.batch_size} rows, base image {args.image_side}x{args.image_side}; " + "; ".join(shapes),
@@ -606,13 +672,13 @@ def report(args, vpt, processor, setups, tokens, vpt_batches, breakdowns, elapse
             "no: the attribute is set but not read yet, so vpt-opt and vpt-ref run the same forward",
     }
     memory_words = ("the step peak (CUDA max_memory_allocated)" if device.type == "cuda" else
-                    "the bytes saved for backward (activation memory; the CPU step peak, which the tiny SAM encoder's "
-                    "inference-only temporaries dominate, is in the table)")
+                    "the bytes saved for backward (activation memory; the CPU step peak is in the table)")
     memory_note = ("CUDA `max_memory_allocated` during the step minus `memory_allocated` before it"
                    if device.type == "cuda" else
                    "peak of the CPU allocator's live bytes during the step above the start, from `torch.profiler` "
                    "memory events")
-    reading = "" if args.shape != "tiny" else (
+    reading = READING.get(args.shape, "")
+    reading = reading if args.shape != "tiny" else (
         "Reading the tiny figures: the tiny SAM encoder keeps SAM's real 1024x1024 input (64x64 patch grid, "
         "256-channel neck), so next to a 2-layer, width-128 LLM it costs several times the whole plain step; "
         "the sam rows measure that encoder more than the VPT forward, and their step peak is its "
@@ -635,23 +701,25 @@ draw: `off` para_mask_id 0; `unmasked`/`masked` para_mask_id 1 with the draw for
 backward: distinct tensors autograd keeps (saved_tensors_hooks, parameters excluded). MFU:
 6 x LLM FLOP params x real tokens / step time / GPU dense bf16 peak (one pass of useful work for
 every model; n/a on CPU).
-{"" if device.type == "cuda" else chr(10) + "Run on CPU, without a GPU (none was available in the session that produced these figures): they show the relative cost of the VPT forward's parts on a tiny model, not GPU speed. The CPU was shared with other work, so single steps vary; the round-robin medians are the figures to read." + chr(10)}
+{"" if device.type == "cuda" else chr(10) + CPU_NOTE[args.shape] + chr(10)}
 {table}
 {breakdown_text}
 {reading}
+Physical limit per branch (plain's step + one forward of the frozen branch encoder on the branch images): {limit_line}.
+
 Per-branch ratios (vpt-opt, grad ckpt off): time {", ".join(f"{b} {v:.2f}" for b, v in zip(args.branches, ratio("vpt-opt", "off", "time")))}; 0.5 mix {", ".join(f"{b} {v:.2f}" for b, v in zip(args.branches, ratio("vpt-opt", "mix", "time")))}.
 Headlines: time ratios are the mean over branches; the memory ratio is the worst over branches and para-mask
 settings of {memory_words}.
 
 ```
-{chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines}.items())}
+{chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines, **per_branch}.items())}
 ```
 """
     print()
     print(table)
     if breakdown_text:
         print(breakdown_text)
-    common.finish_run("train", text if args.report else None, elapsed, {**extra, **headlines})
+    common.finish_run("train", text if args.report else None, elapsed, {**extra, **headlines, **per_branch}, args.quick)
 
 
 if __name__ == "__main__":

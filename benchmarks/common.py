@@ -11,6 +11,12 @@ Models
     encoders (DINOv2-large, SAM ViT-L, the model's own ViT for clip), built in memory on the target
     device. Its tokenizer is the tiny one (token ids < 1000 inside a 151,936-row vocabulary): the
     weights are random, so only shapes matter.
+    ``proportional``: the ``2b`` model with every width kept (LLM 1536 and its MLP, heads and KV
+    heads; Qwen ViT 1280; DINOv2-L and SAM ViT-L 1024, SAM at 1024 px) and every depth cut by one
+    common factor (``--depth-factor``, default 28: LLM 28 -> 1 layer, ViT 32 -> 1, DINOv2 24 -> 1,
+    SAM 24 -> 1; 14 gives two of each, twice the time), the vocabulary too (151,936 -> 5,426 rows),
+    so that the output layer keeps its share of the LLM's work. It runs on a 2-core CPU and keeps the proportions a GPU run has
+    between the LLM, its output layer and each branch encoder.
 
     The plain Qwen2-VL compared against is :func:`plain_twin`: a genuine
     ``Qwen2VLForConditionalGeneration`` whose ``model`` and ``lm_head`` are the VPT model's own modules,
@@ -226,17 +232,18 @@ def build_tiny(workdir: str | Path, dtype: torch.dtype, device: torch.device):
     return model, AutoProcessor.from_pretrained(path)
 
 
-def qwen2_vl_2b_config(tokenizer, num_layers: int | None = None, vision_depth: int | None = None):
+def qwen2_vl_2b_config(tokenizer, num_layers: int | None = None, vision_depth: int | None = None,
+                       vocab_size: int | None = None):
     """Qwen2-VL-2B-Instruct's config.json (hub, 2024-09) with this tokenizer's special-token ids.
 
-    ``num_layers``/``vision_depth`` shrink the depth only (for a cheap check of the 2B widths on CPU).
+    ``num_layers``/``vision_depth``/``vocab_size`` shrink the depths (and vocabulary) only, widths kept.
     """
     from transformers import Qwen2VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=151936,
+            vocab_size=vocab_size or DEPTHS_2B["vocab"],
             hidden_size=1536,
             intermediate_size=8960,
             num_hidden_layers=num_layers or 28,
@@ -259,8 +266,17 @@ def qwen2_vl_2b_config(tokenizer, num_layers: int | None = None, vision_depth: i
     )
 
 
+# Qwen2-VL-2B-Instruct's depths (LLM, ViT), vocabulary, and the branch encoders' depth (DINOv2-L, SAM ViT-L).
+DEPTHS_2B = {"llm": 28, "vit": 32, "vocab": 151936, "encoders": 24}
+
+
+def proportional_depths(factor: int) -> dict:
+    """Every depth of the 2B model (and its vocabulary) divided by ``factor``, rounded, at least 1."""
+    return {name: max(1, round(value / factor)) for name, value in DEPTHS_2B.items()}
+
+
 def build_2b(dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
-             encoder_layers: int | None = None):
+             encoder_layers: int | None = None, vision_depth: int | None = None, vocab_size: int | None = None):
     """A random VPT model of Qwen2-VL-2B-Instruct's shapes, built directly on ``device``; returns (model, processor).
 
     Branch encoders: the repository's defaults (``branches/dino.py``: DINOv2-large, 24 layers, width
@@ -281,7 +297,7 @@ def build_2b(dtype: torch.dtype, device: torch.device, num_layers: int | None = 
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
                                  video_processor=Qwen2VLVideoProcessor(size=size), tokenizer=tokenizer,
                                  chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    base = qwen2_vl_2b_config(tokenizer, num_layers)
+    base = qwen2_vl_2b_config(tokenizer, num_layers, vision_depth, vocab_size)
     encoder_configs = {}
     for name in BRANCHES:
         branch = get_branch(name)
@@ -339,13 +355,28 @@ def plain_twin(model):
 
 
 def build_models(shape: str, dtype: torch.dtype, device: torch.device, workdir: str, num_layers=None,
-                 encoder_layers=None):
-    """(VPT model, plain twin, processor) for ``shape`` ``tiny`` or ``2b``."""
+                 encoder_layers=None, depth_factor: int = 28):
+    """(VPT model, plain twin, processor) for ``shape`` ``tiny``, ``2b`` or ``proportional``."""
     if shape == "tiny":
         model, processor = build_tiny(workdir, dtype, device)
+    elif shape == "proportional":
+        depths = proportional_depths(depth_factor)
+        model, processor = build_2b(dtype, device, depths["llm"], depths["encoders"], depths["vit"], depths["vocab"])
     else:
         model, processor = build_2b(dtype, device, num_layers, encoder_layers)
     return model, plain_twin(model), processor
+
+
+def shape_description(args) -> str:
+    """What the report says the model was."""
+    if args.shape == "tiny":
+        return "tiny (tests/conftest.py tiny checkpoint)"
+    if args.shape == "proportional":
+        depths = proportional_depths(args.depth_factor)
+        return (f"proportional (random; Qwen2-VL-2B-Instruct, DINOv2-L and SAM ViT-L widths, depths / {args.depth_factor}: "
+                f"LLM {depths['llm']} layers, ViT {depths['vit']}, DINOv2 and SAM {depths['encoders']}, "
+                f"vocabulary {depths['vocab']:,})")
+    return "2b (random, Qwen2-VL-2B-Instruct shapes)"
 
 
 def parameter_counts(model) -> dict:
@@ -404,7 +435,11 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     """The options both benchmarks take (shape, device, dtype, threads, report); each script adds its own."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (< 1 minute on CPU)")
-    parser.add_argument("--shape", choices=["tiny", "2b"], default="tiny", help="tiny test model or Qwen2-VL-2B shapes")
+    parser.add_argument("--shape", choices=["tiny", "2b", "proportional"], default="proportional",
+                        help="proportional: 2B widths, depths cut by --depth-factor (default; what a GPU run will see "
+                             "in proportion); 2b: Qwen2-VL-2B shapes (GPU); tiny: the tests' model")
+    parser.add_argument("--depth-factor", type=int, default=28,
+                        help="proportional shape: the common depth divisor (28: one layer each, ~15 min on 2 cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="parameter dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -421,7 +456,9 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
 
 def finish_arguments(args, presets: dict) -> None:
     """Fill options left unset from the script's preset (quick, default or 2b), and resolve device and dtype."""
-    preset = presets["quick" if args.quick else "2b" if args.shape == "2b" else "default"]
+    if args.quick:
+        args.shape = "tiny"  # a smoke test: seconds, not proportions
+    preset = presets["quick" if args.quick else args.shape if args.shape in presets else "default"]
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -431,12 +468,14 @@ def finish_arguments(args, presets: dict) -> None:
     args.dtype = parse_dtype(args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
 
 
-def finish_run(section: str, text: str | None, elapsed: float, figures: dict[str, float]) -> None:
+def finish_run(section: str, text: str | None, elapsed: float, figures: dict[str, float], quick: bool = False) -> None:
     """Write the script's section of docs/BENCHMARKS.md (unless ``text`` is None), then print the
     figures last, one ``name: value`` per line, headlines at the end."""
     if text is not None:
         write_section(section, text)
         print(f"wrote the {section} section of {REPORT.relative_to(REPO)}")
     print(f"wall time {elapsed:.0f} s")
+    if quick:
+        print("--quick is a smoke test on the tiny model: its ratios say nothing about speed at real proportions")
     for key, value in figures.items():
         print(f"{key}: {value:.3f}")
