@@ -5,6 +5,7 @@ tests use thresholds 0 to get a box for every row, and check what the command do
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from vpt_plugin.branches import get_branch
-from vpt_plugin.dataset import VPTDataError
 from vpt_plugin.cli import main as vpt_main
+from vpt_plugin.dataset import VPTDataError
 from vpt_plugin.dataset_tools import convert_rows, read_rows
 from vpt_plugin.proposals import (
     checked_row,
@@ -28,6 +29,8 @@ from vpt_plugin.proposals import (
 COLOURS = ("red", "green", "blue", "yellow")
 QUESTIONS = ("What colour is the square?", "Which colour is the small square?", "what is the colour of the square in the image?")
 ROWS = 12
+DEMO_IMAGES = Path(__file__).resolve().parents[1] / "data" / "demo" / "images"
+SIDE = 224  # the demo images' size
 # Bad rows by index -> what the command must say about them.
 BAD_ROWS = {
     2: "image 'missing.png' not found under",
@@ -85,15 +88,12 @@ def assert_same_rows(records: list[dict], reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """12 VQA rows (a JSON list) about coloured squares on grey, four of them bad; images beside the file."""
+    """12 VQA rows (a JSON list) on the demo's images (224x224), four of them bad; images beside the file."""
     folder = tmp_path_factory.mktemp("vqa")
     rows = []
-    for index in range(ROWS):
+    for index, demo_image in enumerate(sorted(DEMO_IMAGES.glob("*.png"))[:ROWS]):
         colour = COLOURS[index % len(COLOURS)]
-        image = Image.new("RGB", (96, 96), (128, 128, 128))
-        corner = (7 * index % 60, 11 * index % 60)
-        ImageDraw.Draw(image).rectangle([*corner, corner[0] + 30, corner[1] + 30], fill=colour)
-        image.save(folder / f"square{index}.png")
+        shutil.copy(demo_image, folder / f"square{index}.png")
         rows.append({"image": f"square{index}.png", "question": QUESTIONS[index % len(QUESTIONS)], "answer": colour,
                      "id": f"q{index}"})
     rows[2]["image"] = "missing.png"
@@ -126,7 +126,7 @@ def test_proposed_rows_are_rows_vpt_data_convert_reads(reference, data_dir, tmp_
         source = read_rows(data_dir / "vqa.json")[row["source_index"]]
         assert {k: row[k] for k in source} == source  # every input field kept
         x0, y0, x1, y1 = row["box"]
-        assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96, row["box"]
+        assert 0 <= x0 < x1 <= SIDE and 0 <= y0 < y1 <= SIDE, row["box"]
         assert 0 <= row["box_score"] <= 1 and row["box_phrase"]
     # One Region Selection row per source row (no re-encoding branches), nothing rejected.
     assert convert_rows(run.output, tmp_path / "vpt.json", "pixels", [], str(data_dir)) == len(GOOD_ROWS)
@@ -218,7 +218,7 @@ def test_report_scores_and_contact_sheet_are_written(reference):
     with Image.open(folder / "contact_sheet.png") as sheet:
         assert sheet.size == (3 * 256, 3 * (256 + 30))  # 8 proposals (default up to 16) in a 3x3 grid
         # The first proposal's box is drawn on its image: red, lined with black outside.
-        x0, y0 = (round(v * 256 / 96) for v in rows[0]["box"][:2])
+        x0, y0 = (round(v * 256 / SIDE) for v in rows[0]["box"][:2])
         assert sheet.convert("RGB").getpixel((x0, y0)) == (0, 0, 0)
         assert sheet.convert("RGB").getpixel((x0 + 3, y0 + 3)) == (255, 0, 0)
 
