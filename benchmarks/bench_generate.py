@@ -56,6 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 KINDS = ("region", "clip", "dino", "sam")
+CPU_NOTE = {
+    "tiny": "Run on CPU, without a GPU (none was available in the session that produced these figures): tiny-model "
+            "CPU figures, where per-call Python overhead weighs far more than on a GPU with a real model. The CPU was "
+            "shared with other work; the round-robin medians are the figures to read.",
+    "2b": "Run on CPU, without a GPU (none was available in the session that produced these figures), on the widths of "
+          "the 2B model and its encoders: each call's compute is in the proportions of a GPU run, not its per-call "
+          "overheads.",
+}
 REGION_TURN = "<|region_token_start|><|x_2|><|y_5|><|x_4|><|y_6|><|region_token_end|><|im_end|>"
 
 
@@ -376,7 +384,7 @@ scratch through the two-pass forward at every step, rows one by one). Every answ
 counts answer tokens only; the VPT paths also decode round 1 and read the perception turn, which
 is what their ratios to plain charge them for. Decode MFU (CUDA only): 2 x LLM FLOP params x
 answer tokens / time / GPU dense bf16 peak.
-{"" if device.type == "cuda" else chr(10) + ("Run on CPU, without a GPU (none was available in the session that produced these figures): tiny-model CPU figures, where per-call Python overhead weighs far more than on a GPU with a real model. The CPU was shared with other work; the round-robin medians are the figures to read." if args.shape == "tiny" else "Run on CPU, without a GPU (none was available in the session that produced these figures), on the " + args.shape + " shape: the widths of the 2B model and its encoders, so each call's compute is in the proportions of a GPU run, not its per-call overheads.") + chr(10)}
+{"" if device.type == "cuda" else chr(10) + CPU_NOTE.get(args.shape, CPU_NOTE["2b"]) + chr(10)}
 {table}
 
 Per-kind latency ratios at batch 1: ours/plain {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("ours", "plain", 1)))}; reread/ours {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("reread", "ours", 1)))}.

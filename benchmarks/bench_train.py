@@ -390,6 +390,15 @@ CPU_NOTE = {
     "2b": "Run on CPU at the 2B shapes.",
 }
 READING = {
+    "tiny": (
+        "Reading the tiny figures: the tiny SAM encoder keeps SAM's real 1024x1024 input (64x64 patch grid, "
+        "256-channel neck), so next to a 2-layer, width-128 LLM it costs several times the whole plain step; "
+        "the sam rows measure that encoder more than the VPT forward, and their step peak is its "
+        "inference-only temporaries (hence the memory headline on CPU uses saved-for-backward bytes). "
+        "The clip and dino rows show the forward itself: what vpt-opt adds over plain is the branch "
+        "encoder, the projector and the bookkeeping (`other forward`); vpt-ref adds a second full pass "
+        "and its backward. With the para mask drawn, pass 2 must start at the first user turn, so "
+        "vpt-opt recomputes almost the whole sequence (see the token counts).\n"),
     "proportional": (
         "Reading the proportional figures: time scales with depth for the LLM and every encoder alike, so the "
         "time ratios carry over to the real depths. Memory does not: the step peak is the activations kept for "
@@ -678,16 +687,6 @@ def report(args, vpt, processor, setups, tokens, vpt_batches, breakdowns, elapse
                    "peak of the CPU allocator's live bytes during the step above the start, from `torch.profiler` "
                    "memory events")
     reading = READING.get(args.shape, "")
-    reading = reading if args.shape != "tiny" else (
-        "Reading the tiny figures: the tiny SAM encoder keeps SAM's real 1024x1024 input (64x64 patch grid, "
-        "256-channel neck), so next to a 2-layer, width-128 LLM it costs several times the whole plain step; "
-        "the sam rows measure that encoder more than the VPT forward, and their step peak is its "
-        "inference-only temporaries (hence the memory headline on CPU uses saved-for-backward bytes). "
-        "The clip and dino rows show the forward itself: what vpt-opt adds over plain is the branch "
-        "encoder, the projector and the bookkeeping (`other forward`); vpt-ref adds a second full pass "
-        "and its backward. With the para mask drawn, pass 2 must start at the first user turn, so "
-        "vpt-opt recomputes almost the whole sequence (see the token counts).\n"
-    )
     text = f"""## Training step (`benchmarks/bench_train.py`)
 
 {common.info_lines(info, extras)}

@@ -19,7 +19,7 @@ from scripted import ScriptedTurns, prompt_batch
 from test_export import probe_before_and_after
 from test_generation import generate, reference
 from test_llamafactory import ENV, REPO
-from test_reuse_first_pass import assert_same_gradients, loss_and_gradients, plain_example
+from test_reuse_first_pass import check_reuse_equals_straightforward, plain_example
 from transformers import AutoModelForImageTextToText, AutoProcessor, GroundingDinoForObjectDetection
 
 from vpt_plugin.branches import VPTInputError, get_branch
@@ -137,14 +137,8 @@ def gdino_mixed_batch(processor, config):
 
 @pytest.mark.parametrize("para_mask_id", [0, 2])
 def test_reused_prefix_equals_the_straightforward_forward(gdino_model, gdino_processor, para_mask_id):
-    gdino_model.train()
-    gdino_model.config.para_mask_id, gdino_model.config.para_mask_ratio = para_mask_id, 1.0
     batch = gdino_mixed_batch(gdino_processor, gdino_model.config)
-    loss, logits, grads = loss_and_gradients(gdino_model, batch, reuse=False)
-    fast_loss, fast_logits, fast_grads = loss_and_gradients(gdino_model, batch, reuse=True)
-    torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(fast_logits, logits, rtol=1e-5, atol=1e-5)
-    assert_same_gradients(grads, fast_grads, rtol=1e-5)
+    check_reuse_equals_straightforward(gdino_model, gdino_processor, None, para_mask_id, batch)
 
 
 def test_the_idle_inputs_run_the_branch(gdino_model):

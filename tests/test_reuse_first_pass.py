@@ -61,13 +61,14 @@ def test_loss_and_gradients_equal_the_straightforward_forward(model, processor, 
     check_reuse_equals_straightforward(model, processor, checkpointing, para_mask_id)
 
 
-def check_reuse_equals_straightforward(model, processor, checkpointing, para_mask_id) -> None:
-    """Loss, logits and gradients of the mixed batch, reusing against straightforward (also run per base)."""
+def check_reuse_equals_straightforward(model, processor, checkpointing, para_mask_id, batch=None) -> None:
+    """Loss, logits and gradients of a batch (default: the mixed batch), reusing against straightforward
+    (also run per base, and per branch on a batch of its rows)."""
     model.train()
     model.config.para_mask_id, model.config.para_mask_ratio = para_mask_id, 1.0
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
-    batch = mixed_batch(processor, model.config)
+    batch = mixed_batch(processor, model.config) if batch is None else batch
     loss, logits, grads = loss_and_gradients(model, batch, reuse=False)
     fast_loss, fast_logits, fast_grads = loss_and_gradients(model, batch, reuse=True)
     torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=0)
