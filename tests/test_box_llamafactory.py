@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_export import ENV, run_side_by_side
+from test_llamafactory_inference import JOIN_STREAM_THREADS
 
 from vpt_plugin.tiny import build_tiny_fixtures
 
@@ -92,7 +93,7 @@ image = Image.open(image)
 traces = chat.engine.model.vpt_last_traces
 streamed = "".join(chat.stream_chat(messages, images=[image]))
 json.dump({"reply": reply.response_text, "streamed": streamed, "traces": traces}, open(out, "w"))
-'''
+''' + JOIN_STREAM_THREADS
 
 
 @pytest.fixture(scope="module")

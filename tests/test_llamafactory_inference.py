@@ -59,6 +59,16 @@ def check_predictions(out: Path) -> list[dict]:
     return lines
 
 
+# Appended to scripts that stream through LLaMA-Factory's ChatModel: it generates in a daemon thread it never
+# joins, and a thread still returning out of torch while the interpreter shuts down aborts the process
+# ("terminate called without an active exception", seen once in CI), so the script waits for it before exiting.
+JOIN_STREAM_THREADS = """
+import threading
+for thread in threading.enumerate():
+    if thread is not threading.main_thread() and thread is not chat._thread:
+        thread.join(timeout=60)
+"""
+
 CHAT_SCRIPT = """
 import json, sys
 from PIL import Image
@@ -71,7 +81,7 @@ messages = [{"role": "user", "content": "<image>What colour is it?"}]
 streamed = "".join(chat.stream_chat(messages, images=[image]))
 print(json.dumps({"reply": reply.response_text, "streamed": streamed,
                   "traces": chat.engine.model.vpt_last_traces}))
-"""
+""" + JOIN_STREAM_THREADS
 
 
 def test_chat_engine_answers_with_vpt_and_streams_the_same_text(vpt_model):
