@@ -24,6 +24,11 @@ exactly ``--answer-tokens`` tokens, cut by ``max_new_tokens``. The script checks
 answer has that length, that each VPT row took one perception of the intended kind, and that
 ours and reread give the same answer tokens (greedy decoding).
 
+The physical limit of a kind is plain's call plus one forward of the perception's encoder alone,
+batched as the loop batches it: the model's ViT on every row's crop (region, the crops the loop
+made) or on every row's branch image (clip), the DINOv2 or SAM encoder on every row's image. What
+the loop costs beyond it is round 1's few tokens, reading the perception turn, and overhead.
+
 Figures: batch-size-1 latency (median wall seconds of one ``generate`` call, prompt to answer)
 and batched throughput (answer tokens per second for ``--batch-size`` different prompts in one
 call; reread answers them one by one). Each case is first called once untimed by the checks
@@ -151,6 +156,7 @@ class Case:
     run: object = None
     times: list = field(default_factory=list)
     prompt_tokens: int = 0  # of the first row
+    images: list = field(default_factory=list)  # the rows' images
     first_call: float | None = None  # the checking call's wall time (on CPU the device needs no sync)
 
     @property
@@ -201,8 +207,24 @@ def make_cases(vpt, plain, processor, args, kind: str, batch_size: int, device) 
             traces.append(trace.to_dict())
         return answers, traces
 
-    return [Case(kind, path, batch_size, run, prompt_tokens=len(prompt_ids[0]))
+    return [Case(kind, path, batch_size, run, prompt_tokens=len(prompt_ids[0]), images=images)
             for path, run in (("plain", run_plain), ("ours", run_ours), ("reread", run_reread))]
+
+
+def encoder_run(vpt, processor, kind: str, images, traces, device):
+    """The perception's encoder work alone, batched as the one-call loop batches it (see the module docstring)."""
+    from vpt_plugin.branches import get_branch
+    from vpt_plugin.generation import PerceptionInputs
+
+    perception = PerceptionInputs(processor)
+    if kind == "region":
+        crops = [image.crop(tuple(box)) for image, trace in zip(images, traces) for box in trace["rounds"][0]["pixel_boxes"]]
+        pixels, grids = perception.crop_inputs(crops)
+        pixels, grids = pixels.to(device, vpt.dtype), grids.to(device)
+        return lambda: vpt.encode_base_images(pixels, grids)
+    branch = get_branch(kind)
+    inputs = {k: v.to(device) for k, v in branch.preprocess(perception.branch_images(kind, images), processor).items()}
+    return lambda: branch.encode(vpt, inputs)
 
 
 def timed_call(case: Case):
@@ -213,8 +235,10 @@ def timed_call(case: Case):
     return result
 
 
-def check(cases: list[Case], n: int) -> list[str]:
-    """Every answer has ``n`` tokens; VPT rows took one perception of the kind; ours equals reread."""
+def check(cases: list[Case], n: int) -> tuple[list[str], list[dict]]:
+    """Every answer has ``n`` tokens; VPT rows took one perception of the kind; ours equals reread.
+
+    Returns the problems found and ours' traces."""
     problems = []
     by_path = {c.path: c for c in cases}
     kind = cases[0].kind
@@ -231,7 +255,7 @@ def check(cases: list[Case], n: int) -> list[str]:
             problems.append(f"{kind} {path}: perception rounds {kinds}, expected one {kind!r} each")
     if [list(a) for a in ours_answers] != [list(a) for a in reread_answers]:
         problems.append(f"{kind}: ours and reread answers differ (greedy decoding should agree)")
-    return problems
+    return problems, ours_traces
 
 
 # ---------------------------------------------------------------------------- main
@@ -285,13 +309,17 @@ def main(argv=None) -> None:
     vpt.config.para_mask_id = 0  # training only anyway
     vpt.config.reuse_first_pass = False  # the reread flow is the published one (it returns a cache, so never reuses)
 
-    cases, problems = [], []
+    cases, problems, encoder_times = [], [], {}
     with torch.no_grad():
         for kind in args.kinds:
-            single = make_cases(vpt, plain, processor, args, kind, 1, device)
-            batched = make_cases(vpt, plain, processor, args, kind, args.batch_size, device)
-            problems += check(single, args.answer_tokens) + check(batched, args.answer_tokens)
-            cases += single + batched
+            for batch_size in (1, args.batch_size):
+                group = make_cases(vpt, plain, processor, args, kind, batch_size, device)
+                found, traces = check(group, args.answer_tokens)
+                problems += found
+                cases += group
+                encode = encoder_run(vpt, processor, kind, group[0].images, traces, device)
+                encoder_times[(kind, batch_size)] = common.median(
+                    common.measure(encode, max(args.repeats, 1), 1, device))
         print(f"{len(cases)} cases, {args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
         for _ in range(args.warmup):
             for case in cases:
@@ -308,18 +336,19 @@ def main(argv=None) -> None:
             for case in cases:
                 case.times = [case.first_call]
     elapsed = time.perf_counter() - wall_start
-    report(args, vpt, cases, problems, elapsed)
+    report(args, vpt, cases, problems, encoder_times, elapsed)
 
 
 # ---------------------------------------------------------------------------- output
 
 
-def report(args, vpt, cases, problems, elapsed) -> None:
+def report(args, vpt, cases, problems, encoder_times, elapsed) -> None:
     device = args.device
     n = args.answer_tokens
     counts = common.parameter_counts(vpt)
     peak_flops = common.gpu_peak_flops(device, args.peak_tflops)
     by_key = {(c.kind, c.path, c.batch): c for c in cases}
+    limits = {key: by_key[(key[0], "plain", key[1])].median + seconds for key, seconds in encoder_times.items()}
 
     rows = []
     for c in cases:
@@ -329,9 +358,14 @@ def report(args, vpt, cases, problems, elapsed) -> None:
         mfu = f"{100 * 2 * counts['llm_flops_params'] * tokens / c.median / peak_flops:.2f}%" if peak_flops else "n/a"
         rows.append([c.kind, c.path, c.batch, f"{1000 * c.median:.1f}",
                      f"{1000 * min(c.times):.1f}-{1000 * max(c.times):.1f}", f"{tokens / c.median:,.1f}",
-                     f"{c.median / plain.median:.2f}", f"{c.median / ours.median:.2f}", mfu])
-    header = ["kind", "path", "batch", "ms per call (median)", "min-max ms", "answer tokens/s", "x plain", "x ours",
-              "decode MFU"]
+                     f"{c.median / plain.median:.2f}", f"{c.median / limits[(c.kind, c.batch)]:.2f}",
+                     f"{c.median / ours.median:.2f}", mfu])
+    header = ["kind", "path", "batch", "ms per call (median)", "min-max ms", "answer tokens/s", "x plain", "x limit",
+              "x ours", "decode MFU"]
+    limit_lines = "; ".join(
+        f"{kind} b{batch}: plain {1000 * by_key[(kind, 'plain', batch)].median:.1f} ms + encoder {1000 * seconds:.1f} ms"
+        f" = {1000 * limits[(kind, batch)]:.1f} ms, ours {1000 * by_key[(kind, 'ours', batch)].median:.1f} ms"
+        for (kind, batch), seconds in encoder_times.items())
     table = common.markdown_table(header, rows)
 
     def ratios(path, over, batch):
@@ -343,6 +377,9 @@ def report(args, vpt, cases, problems, elapsed) -> None:
     extra = {
         "generate_batched_ratio_vpt_over_plain": mean(ratios("ours", "plain", args.batch_size)),
         "generate_batched_ratio_reread_over_ours": mean(ratios("reread", "ours", args.batch_size)),
+        # What the one-call loop costs beyond the encoder it must run, per kind and batch size.
+        **{f"answer_over_limit_{k}_b{b}": by_key[(k, "ours", b)].median / limits[(k, b)]
+           for b in (1, args.batch_size) for k in args.kinds},
     }
     headlines = {
         "generate_ratio_vpt_over_plain": mean(ratios("ours", "plain", 1)),
@@ -386,6 +423,8 @@ is what their ratios to plain charge them for. Decode MFU (CUDA only): 2 x LLM F
 answer tokens / time / GPU dense bf16 peak.
 {"" if device.type == "cuda" else chr(10) + CPU_NOTE.get(args.shape, CPU_NOTE["2b"]) + chr(10)}
 {table}
+
+Physical limit per kind and batch (plain's call + the perception's encoder alone): {limit_lines}.
 
 Per-kind latency ratios at batch 1: ours/plain {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("ours", "plain", 1)))}; reread/ours {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("reread", "ours", 1)))}.
 Headlines: batch-1 latency ratios, mean over the kinds.

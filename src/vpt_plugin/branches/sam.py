@@ -100,7 +100,10 @@ class SamBranch(VisionBranch):
     def encode(self, model, inputs):
         encoder = getattr(model, self.encoder_attribute)
         pixels = inputs[self.pixel_key].to(encoder.dtype)
-        return encoder(pixel_values=pixels).last_hidden_state  # (images, 256, 64, 64)
+        # One image per call: each global-attention layer holds a (heads, 4096, 4096) score and bias tensor per
+        # image (1 GiB in fp32), so a batch multiplies the transient and ran 1.4x slower than one by one
+        # (docs/BENCHMARKS.md); 4096 tokens of width 1024 already fill a GPU's matrix units.
+        return torch.cat([encoder(pixel_values=image[None]).last_hidden_state for image in pixels])  # (images, 256, 64, 64)
 
     def dummy_inputs(self, model, like):
         side = self.encoder_config(model.config).image_size  # SAM's position embedding fixes the input size
