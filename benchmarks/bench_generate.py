@@ -32,17 +32,20 @@ the loop costs beyond it is round 1's few tokens, reading the perception turn, a
 Figures: batch-size-1 latency (median wall seconds of one ``generate`` call, prompt to answer)
 and batched throughput (answer tokens per second for ``--batch-size`` different prompts in one
 call; reread answers them one by one). Each case is first called once untimed by the checks
-(its warm-up; ``--warmup`` adds rounds), then timed round-robin, median of ``--repeats``. On CUDA, decode MFU = 2 x LLM FLOP params x answer tokens / time / GPU bf16 peak
-(the prompt, round 1 and the perception turn are extra work not counted).
+(its warm-up; ``--warmup`` adds rounds), then timed round-robin, median of ``--repeats``
+(``--reread-repeats`` for the re-read flow; 0: its checking call is its figure, cold costs included;
+the table shows every case's checking call beside its figure, so their size can be read). On CUDA,
+decode MFU = 2 x LLM FLOP params x answer tokens / time / GPU bf16 peak (the prompt, round 1 and
+the perception turn are extra work not counted).
 
-Headline lines, printed last: ``generate_ratio_vpt_over_plain`` (ours / plain latency at batch
-size 1) and ``generate_ratio_reread_over_ours`` (reread / ours latency at batch size 1), each the
-mean over the kinds measured.
+Lines printed last, one ``name: value`` each: means over the kinds, ``answer_over_limit_<kind>_b<n>``,
+then the headlines ``answer_over_plain_<kind>`` (ours / plain at batch 1) and
+``reread_over_ours_b1`` / ``reread_over_ours_b<batch>`` (reread / ours, the worst kind).
 
 Examples::
 
     .venv/bin/python benchmarks/bench_generate.py --quick          # < 1 minute on CPU (no report unless --report)
-    .venv/bin/python benchmarks/bench_generate.py                  # ~2 minutes on CPU; writes the report
+    .venv/bin/python benchmarks/bench_generate.py --threads 2      # proportional shape, ~14 minutes; writes the report
     .venv/bin/python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --shape 2b
 """
 
@@ -228,7 +231,7 @@ def encoder_run(vpt, processor, kind: str, images, traces, device):
 
 
 def timed_call(case: Case):
-    """``case.run()``, its wall time kept as ``case.first_call`` (the figure when ``--repeats 0``)."""
+    """``case.run()``, its wall time kept as ``case.first_call`` (the figure when the case has no timed rounds)."""
     start = time.perf_counter()
     result = case.run()
     case.first_call = time.perf_counter() - start
@@ -267,8 +270,9 @@ PRESETS = {
     # reread answers a batch row by row through the two-pass forward: keep the answers short enough to finish
     "2b": dict(answer_tokens=32, batch_size=8, image_side=448, question_words=12, repeats=3, warmup=0),
     # Real prompts: about 1000 tokens (256 image tokens at 448 px and a long question); batch 1 and 8. The
-    # re-read flow re-reads ~1000 tokens per answer token, row by row: one call per case, the checking one.
-    "proportional": dict(answer_tokens=8, batch_size=8, image_side=448, question_words=450, repeats=0, warmup=0),
+    # re-read flow re-reads ~1000 tokens per answer token, row by row: its checking call is its figure.
+    "proportional": dict(answer_tokens=8, batch_size=8, image_side=448, question_words=450, repeats=1,
+                         reread_repeats=0, warmup=0),
 }
 
 
@@ -281,10 +285,13 @@ def parse_args(argv=None):
     parser.add_argument("--question-words", type=int)
     parser.add_argument("--repeats", type=int,
                         help="timed calls per case (median reported); 0: the checking call's time is the figure")
+    parser.add_argument("--reread-repeats", type=int, help="timed calls of the re-read flow (default: --repeats)")
     parser.add_argument("--warmup", type=int,
                         help="untimed rounds over all cases, after the checking call of each case (itself a warm-up)")
     args = parser.parse_args(argv)
     common.finish_arguments(args, PRESETS)
+    if args.reread_repeats is None:
+        args.reread_repeats = args.repeats
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     return args
 
@@ -320,21 +327,23 @@ def main(argv=None) -> None:
                 encode = encoder_run(vpt, processor, kind, group[0].images, traces, device)
                 encoder_times[(kind, batch_size)] = common.median(
                     common.measure(encode, max(args.repeats, 1), 1, device))
-        print(f"{len(cases)} cases, {args.warmup} warm-up + {args.repeats} timed rounds", flush=True)
+        rounds = max(args.repeats, args.reread_repeats)
+        print(f"{len(cases)} cases, {args.warmup} warm-up + {rounds} timed rounds", flush=True)
         for _ in range(args.warmup):
             for case in cases:
                 case.run()
-        for r in range(args.repeats):
+        for r in range(rounds):
             for case in cases:
+                if r >= (args.reread_repeats if case.path == "reread" else args.repeats):
+                    continue
                 common.sync(device)
                 start = time.perf_counter()
                 case.run()
                 common.sync(device)
                 case.times.append(time.perf_counter() - start)
-            print(f"  round {r + 1}/{args.repeats} done ({time.perf_counter() - wall_start:.0f} s)", flush=True)
-        if args.repeats == 0:
-            for case in cases:
-                case.times = [case.first_call]
+            print(f"  round {r + 1}/{rounds} done ({time.perf_counter() - wall_start:.0f} s)", flush=True)
+        for case in cases:
+            case.times = case.times or [case.first_call]
     elapsed = time.perf_counter() - wall_start
     report(args, vpt, cases, problems, encoder_times, elapsed)
 
@@ -357,10 +366,12 @@ def report(args, vpt, cases, problems, encoder_times, elapsed) -> None:
         tokens = c.batch * n
         mfu = f"{100 * 2 * counts['llm_flops_params'] * tokens / c.median / peak_flops:.2f}%" if peak_flops else "n/a"
         rows.append([c.kind, c.path, c.batch, f"{1000 * c.median:.1f}",
-                     f"{1000 * min(c.times):.1f}-{1000 * max(c.times):.1f}", f"{tokens / c.median:,.1f}",
+                     f"{1000 * min(c.times):.1f}-{1000 * max(c.times):.1f}", f"{1000 * c.first_call:.1f}",
+                     f"{tokens / c.median:,.1f}",
                      f"{c.median / plain.median:.2f}", f"{c.median / limits[(c.kind, c.batch)]:.2f}",
                      f"{c.median / ours.median:.2f}", mfu])
-    header = ["kind", "path", "batch", "ms per call (median)", "min-max ms", "answer tokens/s", "x plain", "x limit",
+    header = ["kind", "path", "batch", "ms per call (median)", "min-max ms", "checking call ms", "answer tokens/s",
+              "x plain", "x limit",
               "x ours", "decode MFU"]
     limit_lines = "; ".join(
         f"{kind} b{batch}: plain {1000 * by_key[(kind, 'plain', batch)].median:.1f} ms + encoder {1000 * seconds:.1f} ms"
@@ -402,8 +413,9 @@ def report(args, vpt, cases, problems, encoder_times, elapsed) -> None:
         "inputs": f"image {args.image_side}x{args.image_side}, question ~{args.question_words} words + the published "
                   f"request prompt (prompt tokens at batch 1: {', '.join(f'{k} {v}' for k, v in prompt_tokens.items())}); "
                   f"answers of exactly {n} tokens; batch 1 (latency) and {args.batch_size} (throughput)",
-        "timing": (f"one checking call per case plus {args.warmup} warm-up rounds, {args.repeats} timed round-robin rounds, "
-                   f"median" if args.repeats else "one call per case, the checking call (timed; no warm-up)")
+        "timing": f"one checking call per case (its own warm-up) plus {args.warmup} warm-up rounds, then "
+                  f"{args.repeats} timed round-robin rounds (re-read flow: {args.reread_repeats}), median; "
+                  f"a case without timed rounds has its checking call as its figure"
                   + f"; torch threads {torch.get_num_threads()}; wall {elapsed:.0f} s",
         "checks": "all passed (answer lengths, one perception of the intended kind per VPT row, ours == reread)"
                   if not problems else "PROBLEMS: " + "; ".join(problems),

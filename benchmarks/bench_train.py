@@ -42,18 +42,19 @@ alike; the figure is the median. Memory, from one extra step per configuration:
     bytes of the distinct tensors autograd keeps for backward (``saved_tensors_hooks``,
     parameters excluded): the activation memory, the part an implementation changes.
 
-Headline lines, printed last: ``train_ratio_vpt_over_plain`` (vpt-opt, para mask off, step time
-over plain's, mean over branches), ``train_ratio_vpt_over_plain_paramask`` (vpt-opt's 0.5 mix over
-plain's, mean over branches) and ``memory_ratio_vpt_over_plain`` (vpt-opt over plain, the worst
-over branches and para-mask settings, of the step peak on CUDA and of the saved-for-backward bytes
-on CPU, where the step peak of the tiny model is dominated by the tiny SAM encoder's
-inference-only temporaries at its real 1024x1024 input). All without gradient checkpointing.
+Lines printed last, one ``name: value`` each: means over branches (``train_ratio_vpt_over_plain``:
+vpt-opt, para mask off, step time over plain's; ``..._paramask``: the 0.5 mix; ``memory_ratio_vpt_over_plain``:
+the worst over branches and para-mask settings of the step peak on CUDA, of the saved-for-backward bytes on
+CPU), then the headlines per branch: ``train_over_limit_<b>`` and ``train_over_limit_paramask_<b>`` (vpt-opt
+over the physical limit: plain's step plus one frozen forward of the branch encoder) and
+``memory_over_plain_<b>`` (the step peak where measured, else saved-for-backward bytes). All without
+gradient checkpointing.
 On CPU the scripts use one torch thread unless ``--threads`` says otherwise (``common.set_threads``).
 
 Examples::
 
     .venv/bin/python benchmarks/bench_train.py --quick              # tiny model, CPU, < 1 minute (no report unless --report)
-    .venv/bin/python benchmarks/bench_train.py                      # tiny model, longer batch, ~3 minutes; writes the report
+    .venv/bin/python benchmarks/bench_train.py --threads 2          # proportional shape, ~16 minutes; writes the report
     .venv/bin/python benchmarks/bench_train.py --device cuda --dtype bfloat16 --shape 2b
     .venv/bin/python benchmarks/bench_train.py --shape 2b --build-only   # 2B shapes on the meta device
 """
