@@ -81,6 +81,9 @@ DIRECT_SHARE = 0.2  # training rows that answer without a second look
 # Continuous crops: the square and a sixth of its size around it, i.e. its 2x2 block of cells (64 px, two
 # of Qwen3-VL's 32 px tokens a side), so the one-pixel texture reaches the ViT without resampling.
 BOX_CROP_MARGIN = 1 / 6
+# Snapped to Qwen3-VL's 32 px tokens, as the recipe's box_crop_grid makes generation crop: the square's block
+# already is, so the training crops are the block; a decoded box a few pixels off crops that block too.
+BOX_CROP_GRID = 32
 
 
 def texture_colour(texture: str, x: int, y: int) -> tuple[int, int, int]:
@@ -135,13 +138,15 @@ def region_row(path: str, facts: dict, direct: bool) -> dict:
     }
 
 
-def box_region_row(path: str, facts: dict, direct: bool, margin: float = BOX_CROP_MARGIN) -> dict:
-    """Continuous Region Selection: the box token names the square; the crop is that box widened by ``margin``."""
+def box_region_row(path: str, facts: dict, direct: bool, margin: float = BOX_CROP_MARGIN,
+                   grid: int = BOX_CROP_GRID) -> dict:
+    """Continuous Region Selection: the box token names the square; the crop is that box widened by ``margin``,
+    snapped to ``grid`` pixels."""
     question = {"role": "user", "content": f"{IMAGE_PLACEHOLDER}{QUESTION}\n{REGION_PROMPT}"}
     if direct:
         return direct_row(path, question, facts)
     box = facts["box"]
-    left, top, right, bottom = box_crop_pixels([v / IMAGE_SIZE for v in box], IMAGE_SIZE, IMAGE_SIZE, margin)
+    left, top, right, bottom = box_crop_pixels([v / IMAGE_SIZE for v in box], IMAGE_SIZE, IMAGE_SIZE, margin, grid)
     return {
         "messages": [
             question,
@@ -204,7 +209,7 @@ def reencoding_row(path: str, facts: dict, branch_name: str, direct: bool) -> di
 
 
 def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None = None,
-                     box_crop_margin: float = BOX_CROP_MARGIN) -> list[Path]:
+                     box_crop_margin: float = BOX_CROP_MARGIN, box_crop_grid: int = BOX_CROP_GRID) -> list[Path]:
     """Write every file under ``output`` (``images``: images per split, default :data:`SPLITS`); image
     paths are relative to its parent (LLaMA-Factory's ``media_dir``, which defaults to ``dataset_dir``)."""
     (output / "images").mkdir(parents=True, exist_ok=True)
@@ -222,7 +227,7 @@ def make_detail_data(output: Path, seed: int = 0, images: dict[str, int] | None 
             direct = split == "train" and rng.random() < DIRECT_SHARE
             region_rows.append(region_row(path, facts, direct))
             dino_rows.append(reencoding_row(path, facts, "dino", direct))
-            box_region_rows.append(box_region_row(path, facts, direct, box_crop_margin))
+            box_region_rows.append(box_region_row(path, facts, direct, box_crop_margin, box_crop_grid))
             grounding_rows.append(grounding_row(path, facts, mask_path.relative_to(output.parent).as_posix()))
             cells_rows.append(cells_row(path, facts))
         files = {"region": region_rows, "dino": dino_rows, "boxregion": box_region_rows, "grounding": grounding_rows}
@@ -243,9 +248,11 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=SPLITS["test"])
     parser.add_argument("--box-crop-margin", type=float, default=BOX_CROP_MARGIN,
                         help="continuous crops: the box widened by this share of its size (the recipe's box_crop_margin)")
+    parser.add_argument("--box-crop-grid", type=int, default=BOX_CROP_GRID,
+                        help="continuous crops: snapped to this many pixels (the recipe's box_crop_grid; 0: off)")
     args = parser.parse_args()
     sizes = {"train": args.train_images, "test": args.test_images}
-    for path in make_detail_data(args.output, args.seed, sizes, args.box_crop_margin):
+    for path in make_detail_data(args.output, args.seed, sizes, args.box_crop_margin, args.box_crop_grid):
         print(path)
 
 

@@ -11,6 +11,8 @@ from vpt_plugin.box_heads import BoxHeads, box_crop_pixels, box_losses, paired_i
 from vpt_plugin.branches import VPTInputError
 from vpt_plugin.checkpoint import init_vpt_checkpoint
 from vpt_plugin.conversation import collate, collate_prompts, encode_conversation
+from vpt_plugin.generation import PerceptionInputs, perception_turn
+from vpt_plugin.perception import Perception
 from vpt_plugin.vocabulary import BOX_TOKEN
 
 BOX = BOX_TOKEN
@@ -57,6 +59,36 @@ def test_fresh_heads_decode_the_centre_and_crops_follow_the_margin():
     assert box_crop_pixels([0.25, 0.5, 0.5, 0.75], 200, 100) == (50, 50, 100, 75)
     assert box_crop_pixels([0.25, 0.5, 0.5, 0.75], 200, 100, margin=0.2) == (40, 45, 110, 80)
     assert box_crop_pixels([0.9, 0.9, 1.4, 0.9], 100, 100) == (90, 90, 100, 91)  # clamped, at least a pixel
+
+
+def test_a_crop_snapped_to_the_grid_keeps_its_size_and_place_under_small_box_errors():
+    # The demo's square (72, 136)-(120, 184) of a 256 px image, widened by 1/6 (8 px): its 2x2 block
+    # (64, 128)-(128, 192), 64 px a side, on Qwen3-VL's 32 px tokens.
+    exact, off = [72, 136, 120, 184], [75, 134, 123, 182]  # off: 3 px right, 2 px up
+    assert box_crop_pixels([v / 256 for v in exact], 256, 256, 1 / 6, grid=32) == (64, 128, 128, 192)
+    assert box_crop_pixels([v / 256 for v in off], 256, 256, 1 / 6) == (67, 126, 131, 190)
+    assert box_crop_pixels([v / 256 for v in off], 256, 256, 1 / 6, grid=32) == (64, 128, 128, 192)
+    # 90..100 of 100 px: one step (32), centred at 79 -> the far edge (68) is nearer than the grid's 64.
+    assert box_crop_pixels([0.9, 0.9, 1.0, 1.0], 100, 100, grid=32) == (68, 68, 100, 100)
+    # 47 px rounds to one step (32) and sits on the grid nearest its centring (37.5 -> 32); an image
+    # smaller than the grid is cropped whole.
+    assert box_crop_pixels([0.3, 0.3, 0.77, 0.77], 100, 100, grid=32) == (32, 32, 64, 64)
+    assert box_crop_pixels([0.2, 0.2, 0.5, 0.5], 20, 20, grid=32) == (0, 0, 20, 20)
+
+
+def test_generation_snaps_a_continuous_crop_as_the_config_says(box_model, box_processor):
+    config = box_model.config
+    config.box_crop_margin, config.box_crop_grid = 1 / 6, 32
+    image = shape_image((2, 4), "red", size=256)
+    body = box_processor.tokenizer.encode(RS + BOX + RE, add_special_tokens=False)
+    turns = [perception_turn(Perception("region", boxes=[[v / 256 for v in box]]), body, image,
+                             PerceptionInputs(box_processor), config)
+             for box in ([72, 136, 120, 184], [75, 134, 123, 182])]
+    assert [turn.round_trace["pixel_boxes"] for turn in turns] == [[[64, 128, 128, 192]]] * 2
+    assert torch.equal(turns[0].crops[0], turns[1].crops[0])  # the same pixels reach the ViT
+    config.box_crop_grid = -1
+    with pytest.raises(VPTInputError, match="box_crop_grid must be a whole number of pixels, 0 or more, got -1"):
+        config.check_forward_settings()
 
 
 def _rec_batch(processor, config, boxes=((0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.9, 0.8))):

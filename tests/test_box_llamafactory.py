@@ -142,7 +142,7 @@ def runs(tmp_path_factory):
              "after": {**probe, "path": export["export_dir"], "out": str(root / "after"), "blocker": str(blocker.parent)}}
     # The reference: the same adapter merged on the model the training recipe's keys build, named in full.
     recipe_keys = {key: value for key, value in yaml.safe_load(RECIPE.read_text()).items()
-                   if key in ("customize_model_class", "box_heads", "num_inner_forward_run", "box_crop_margin")}
+                   if key in ("customize_model_class", "box_heads", "num_inner_forward_run", "box_crop_margin", "box_crop_grid")}
     _merge_lora(tiny["qwen3_vl"], root / "lora", {**export, **recipe_keys, "mask_decoder": True, "mask_decoder_size": 32},
                 Path(cases["before"]["path"]))
     run_side_by_side({name: ([sys.executable, "-c", PROBE, json.dumps(case)],
@@ -235,7 +235,7 @@ def test_the_adapter_carries_its_vpt_settings_and_contradictions_are_named(runs,
     adapter = runs["root"] / "lora"
     saved = json.loads((adapter / ADAPTER_SETTINGS_FILE).read_text())
     assert saved["customize_model_class"] == "vpt" and saved["box_heads"] is True and saved["mask_decoder_size"] == 32
-    assert saved["box_crop_margin"] == pytest.approx(0.16667)
+    assert saved["box_crop_margin"] == pytest.approx(0.16667) and saved["box_crop_grid"] == 32
 
     base_config = AutoConfig.from_pretrained(runs["tiny"]["qwen3_vl"])  # a plain base
 

@@ -127,6 +127,11 @@ def test_continuous_region_rows_name_the_box_with_one_token(image_dir):
     assert row["boxes"] == [[0.25, 0.25, 0.5, 0.75]]  # normalised, the dataset_info entry's default units
     assert row["images"] == ["photo.png", "photo.png_50,0,250,200"]  # widened by half the box per side, clamped
     assert validate_file(out, str(image_dir)) == []
+    vpt(["data", "convert", str(source), "--output", str(out), "--branches", "", "--media-dir", str(image_dir),
+         "--region-mode", "continuous", "--box-crop-margin", "0.5", "--box-crop-grid", "28"])
+    (row,) = json.loads(out.read_text())
+    # 200 px -> 7 steps of 28 (196); x centred at 52 -> 56 on the grid; y centred at 2 -> 0 (the far edge, 4, is no nearer)
+    assert row["images"] == ["photo.png", "photo.png_56,0,252,196"]
 
 
 def test_validate_checks_boxes_in_their_units(image_dir, capsys):

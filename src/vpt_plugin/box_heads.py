@@ -10,6 +10,7 @@ Losses: ``w_box * (L1 + GIoU)`` between decoded and target boxes, in sequence or
 with the mask decoder, ``w_mask * (BCE + Dice)`` where the data gives the box's mask.
 """
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -73,16 +74,35 @@ def paired_iou(boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return box_iou(ordered(boxes), targets).diagonal()
 
 
-def box_crop_pixels(box, width: int, height: int, margin: float = 0.0) -> tuple[int, int, int, int]:
+def box_crop_pixels(box, width: int, height: int, margin: float = 0.0, grid: int = 0) -> tuple[int, int, int, int]:
     """Pixel crop ``(left, top, right, bottom)`` of a normalised box, widened by ``margin`` times its
-    size on each side, clamped to the image and at least one pixel wide and high."""
+    size on each side, clamped to the image and at least one pixel wide and high.
+
+    ``grid`` > 0 snaps the crop to a grid of that many pixels: each side the nearest multiple of it (at
+    least one, at most the image), starting at the multiple of it, or against the image's far edge,
+    nearest to centring the box. With the base ViT's patch x merge size, a crop that reaches the ViT at
+    its own size is not resampled, and a box a few pixels off gives the same crop; a side may lose up to
+    half a grid step of the widened box (``margin`` gives room).
+    """
     x0, y0, x1, y1 = ordered(torch.as_tensor(box, dtype=torch.float64)).tolist()
     pad_x, pad_y = margin * (x1 - x0), margin * (y1 - y0)
     left = min(max(int(round((x0 - pad_x) * width)), 0), width - 1)
     top = min(max(int(round((y0 - pad_y) * height)), 0), height - 1)
     right = max(min(int(round((x1 + pad_x) * width)), width), left + 1)
     bottom = max(min(int(round((y1 + pad_y) * height)), height), top + 1)
+    if grid:
+        left, right = _snapped_span(left, right, width, grid)
+        top, bottom = _snapped_span(top, bottom, height, grid)
     return left, top, right, bottom
+
+
+def _snapped_span(low: int, high: int, size: int, grid: int) -> tuple[int, int]:
+    span = min(max(grid, grid * math.floor((high - low) / grid + 0.5)), size)
+    centred = (low + high) / 2 - span / 2
+    start = min(max(grid * math.floor(centred / grid + 0.5), 0), size - span)
+    if abs(size - span - centred) < abs(start - centred):  # the far edge is not on the grid unless size is
+        start = size - span
+    return start, start + span
 
 
 class MaskDecoder(nn.Module):

@@ -73,7 +73,7 @@ def _data_convert(args) -> None:
 
     branches = [name.strip() for name in args.branches.split(",") if name.strip()]
     count = convert_rows(args.source, args.output, args.box_format, branches, args.media_dir, args.region_mode,
-                         args.box_crop_margin)
+                         args.box_crop_margin, args.box_crop_grid)
     print(f"{count} VPT rows written to {args.output}")
 
 
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
                               help="continuous: the region is one <|perception_box|> with a `boxes` column (box_heads: true)")
     data_convert.add_argument("--box-crop-margin", type=float, default=0.0,
                               help="continuous regions: crop the box widened by this share of its size (the recipe's box_crop_margin)")
+    data_convert.add_argument("--box-crop-grid", type=int, default=0,
+                              help="continuous regions: snap the crop to this many pixels, the ViT's patch x merge size "
+                                   "(the recipe's box_crop_grid; 0: off)")
     data_convert.set_defaults(run=_data_convert)
     data_validate = data_commands.add_parser(
         "validate", help="report every bad row of a released-format file, or of what a recipe's `dataset: NAME` reads")

@@ -44,6 +44,9 @@ class VPTConfigMixin:
         box_loss_weight: ``w_box`` of the loss ``lm + w_box * (L1 + GIoU)``.
         box_crop_margin: continuous Region Selection crops the decoded box widened by this fraction
             of its width and height on each side (0: the box itself).
+        box_crop_grid: then snaps that crop to a grid of this many pixels of the image (0: off;
+            ``box_heads.box_crop_pixels``). The base ViT's patch x merge size (28 for Qwen2/2.5-VL, 32
+            for Qwen3-VL) keeps a crop's pixels unresampled and the crop steady under small box errors.
         mask_decoder: PerceptionGPT's mask decoder (``box_heads.MaskDecoder``, needs ``box_heads``): the
             state that decodes a box also prompts a mask over the row's first image, trained where
             the data gives masks. Off by default.
@@ -72,6 +75,7 @@ class VPTConfigMixin:
     box_head_size: int = 512
     box_loss_weight: float = 1.0
     box_crop_margin: float = 0.0
+    box_crop_grid: int = 0
     mask_decoder: bool = False
     mask_decoder_size: int = 256
     mask_loss_weight: float = 1.0
@@ -112,6 +116,8 @@ class VPTConfigMixin:
             raise VPTInputError("mask_decoder needs box_heads: a mask is prompted by the state that decodes a box")
         if self.box_crop_margin < 0:
             raise VPTInputError(f"box_crop_margin must be 0 or more, got {self.box_crop_margin}")
+        if not isinstance(self.box_crop_grid, int) or self.box_crop_grid < 0:
+            raise VPTInputError(f"box_crop_grid must be a whole number of pixels, 0 or more, got {self.box_crop_grid!r}")
         for name in self.vision_encoder_ls:
             tokens = get_branch(name).tokens
             needed = [tokens.image_token_id_key]

@@ -9,7 +9,8 @@ with a box becomes a Region Selection row (the box on the 8x8 grid, the crop as 
 format (``messages``, ``images`` and the branch columns) that ``vpt_sharegpt`` reads. With
 ``--region-mode continuous`` the Region Selection row names the box with PerceptionGPT's
 ``<|perception_box|>`` instead (the ``boxes`` column holds it, normalised; the crop is the box
-widened by ``--box-crop-margin`` of its size, as generation crops it with ``box_crop_margin``).
+widened by ``--box-crop-margin`` of its size and snapped to ``--box-crop-grid`` pixels, as generation crops
+it with ``box_crop_margin`` and ``box_crop_grid``).
 """
 
 import json
@@ -83,7 +84,7 @@ def grid_cells(box, width: int, height: int) -> tuple[list[int], list[int]]:
 
 
 def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_dir: str | None,
-             region_mode: str = "grid", box_crop_margin: float = 0.0) -> list[dict]:
+             region_mode: str = "grid", box_crop_margin: float = 0.0, box_crop_grid: int = 0) -> list[dict]:
     missing = [key for key in REQUIRED_KEYS if key not in row]
     if missing:
         raise VPTDataError(f"{where}: missing keys {missing}")
@@ -107,7 +108,7 @@ def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_
     extra = {}
     if region_mode == "continuous":
         normalised = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
-        left, top, right, bottom = box_crop_pixels(normalised, width, height, box_crop_margin)
+        left, top, right, bottom = box_crop_pixels(normalised, width, height, box_crop_margin, box_crop_grid)
         region, extra = continuous_region_sequence(), {BOXES: [[round(v, 6) for v in normalised]]}
     else:
         xs, ys = grid_cells(box, width, height)
@@ -143,7 +144,7 @@ def vpt_rows(row: dict, where: str, box_format: str, branches: list[str], media_
 
 
 def convert_rows(source: Path, output: Path, box_format: str, branches: list[str], media_dir: str | None,
-                 region_mode: str = "grid", box_crop_margin: float = 0.0) -> int:
+                 region_mode: str = "grid", box_crop_margin: float = 0.0, box_crop_grid: int = 0) -> int:
     """Write the VPT rows of every source row; raises naming every bad source row."""
     if region_mode not in REGION_MODES:
         raise VPTDataError(f"region mode {region_mode!r} is not one of {REGION_MODES}")
@@ -151,7 +152,7 @@ def convert_rows(source: Path, output: Path, box_format: str, branches: list[str
     for index, row in enumerate(read_rows(source)):
         try:
             converted += vpt_rows(row, f"{source}, row {index}", box_format, branches, media_dir, region_mode,
-                                  box_crop_margin)
+                                  box_crop_margin, box_crop_grid)
         except VPTDataError as error:
             problems.append(str(error))
     if problems:

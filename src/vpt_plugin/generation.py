@@ -200,7 +200,7 @@ def perception_turn(perception: Perception, body: list[int], image, inputs: Perc
     round_trace = {"kind": perception.kind, "tokens": tokenizer.decode(body, skip_special_tokens=False)}
     crops = None
     if perception.kind == REGION:
-        boxes = crop_boxes(perception, *image.size, margin=config.box_crop_margin)
+        boxes = crop_boxes(perception, *image.size, margin=config.box_crop_margin, grid=config.box_crop_grid)
         crops = inputs.crop_inputs([image.crop(box) for box in boxes])
         merge = config.vision_config.spatial_merge_size
         content = region_turn_content([int(g.prod()) // merge**2 for g in crops[1]])

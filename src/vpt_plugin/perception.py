@@ -165,11 +165,12 @@ def read_perception(token_ids: list[int], vocab: PerceptionVocabulary, branches:
     return Perception(None, problem="; ".join(problems) or None)
 
 
-def crop_boxes(perception: Perception, width: int, height: int, margin: float = 0.0) -> list[tuple[int, int, int, int]]:
+def crop_boxes(perception: Perception, width: int, height: int, margin: float = 0.0,
+               grid: int = 0) -> list[tuple[int, int, int, int]]:
     """Pixel crops ``(left, top, right, bottom)`` of a region perception's boxes (grid boxes widened
-    by a cell, as published; continuous boxes widened by ``margin`` times their size)."""
+    by a cell, as published; continuous boxes widened by ``margin`` times their size, snapped to ``grid``)."""
     if perception.boxes:
-        return [box_crop_pixels(box, width, height, margin) for box in perception.boxes]
+        return [box_crop_pixels(box, width, height, margin, grid) for box in perception.boxes]
     return [crop_pixels(box, width, height) for box in perception.grid_boxes]
 
 

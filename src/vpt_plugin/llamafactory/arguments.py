@@ -40,7 +40,7 @@ LORA_TARGET_RENAMES = {"model.all": "all"}
 
 # Recipe keys that set the VPT config field of the same name.
 CONFIG_KEYS = ("num_inner_forward_run", "para_mask_id", "para_mask_ratio", "reuse_first_pass", "box_heads",
-               "box_loss_weight", "box_crop_margin", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
+               "box_loss_weight", "box_crop_margin", "box_crop_grid", "mask_decoder", "mask_decoder_size", "mask_loss_weight",
                "vit_layer_fusion")
 
 
@@ -80,6 +80,10 @@ class VPTArguments:
     box_loss_weight: float | None = field(default=None, metadata={"help": "w_box in lm + w_box * (L1 + GIoU); default 1."})
     box_crop_margin: float | None = field(
         default=None, metadata={"help": "Continuous regions crop the box widened by this fraction of its size; default 0."}
+    )
+    box_crop_grid: int | None = field(
+        default=None,
+        metadata={"help": "Continuous regions snap the crop to this many pixels (the ViT's patch x merge size); default 0: off."},
     )
     mask_decoder: bool | None = field(
         default=None,
