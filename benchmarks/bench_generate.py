@@ -439,7 +439,7 @@ answer tokens / time / GPU dense bf16 peak.
 Physical limit per kind and batch (plain's call + the perception's encoder alone): {limit_lines}.
 
 Per-kind latency ratios at batch 1: ours/plain {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("ours", "plain", 1)))}; reread/ours {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("reread", "ours", 1)))}.
-Headlines: batch-1 latency ratios, mean over the kinds.
+Printed last: means over the kinds, each kind's one-call loop over its physical limit, then the headlines (per kind; re-read over one-call at the worst kind).
 
 ```
 {chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines, **per_kind}.items())}
