@@ -38,9 +38,10 @@ the table shows every case's checking call beside its figure, so their size can 
 decode MFU = 2 x LLM FLOP params x answer tokens / time / GPU bf16 peak (the prompt, round 1 and
 the perception turn are extra work not counted).
 
-Lines printed last, one ``name: value`` each: means over the kinds, ``answer_over_limit_<kind>_b<n>``,
-then the headlines ``answer_over_plain_<kind>`` (ours / plain at batch 1) and
-``reread_over_ours_b1`` / ``reread_over_ours_b<batch>`` (reread / ours, the worst kind).
+Lines printed last, one ``name: value`` each: the batched means over the kinds, each kind's
+``answer_over_limit_<kind>_b<n>``, the batch-1 means, then the headlines ``answer_over_plain_<kind>``
+(ours / plain at batch 1) and ``reread_over_ours_b1`` / ``reread_over_ours_b<batch>`` (reread / ours,
+the worst kind).
 
 Examples::
 
@@ -439,7 +440,7 @@ answer tokens / time / GPU dense bf16 peak.
 Physical limit per kind and batch (plain's call + the perception's encoder alone): {limit_lines}.
 
 Per-kind latency ratios at batch 1: ours/plain {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("ours", "plain", 1)))}; reread/ours {", ".join(f"{k} {v:.2f}" for k, v in zip(args.kinds, ratios("reread", "ours", 1)))}.
-Printed last: means over the kinds, each kind's one-call loop over its physical limit, then the headlines (per kind; re-read over one-call at the worst kind).
+Printed last: the batched means over the kinds, each kind's one-call loop over its physical limit, the batch-1 means, then the headlines (per kind; re-read over one-call at the worst kind).
 
 ```
 {chr(10).join(f"{k}: {v:.3f}" for k, v in {**extra, **headlines, **per_kind}.items())}

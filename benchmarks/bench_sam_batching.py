@@ -14,7 +14,7 @@ the same weights and images, at the proportional shape of ``bench_train.py`` / `
 Both give the same features (checked). Figures: median wall seconds over ``--repeats`` round-robin
 rounds after one warm-up call of each.
 
-    .venv/bin/python benchmarks/bench_sam_batching.py --threads 2     # ~3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_sam_batching.py --threads 2     # ~4 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main(argv=None) -> None:
 """
     print(table)
     figures = {"sam_one_call_over_per_image": medians["one call"] / medians["per image"]}
+    text += "\n```\n" + "\n".join(f"{k}: {v:.3f}" for k, v in figures.items()) + "\n```\n"
     common.finish_run("sam-batching", text if args.report else None, elapsed, figures)
 
 

@@ -174,12 +174,12 @@ def command_line() -> str:
 
 REPORT_HEADER = """# Benchmarks
 
-Written by `benchmarks/bench_train.py` and `benchmarks/bench_generate.py` (issue 5, "Speed: VPT
-training and inference at the cost of one pass"). Each script rewrites only its own section
-(between its `BEGIN`/`END` markers), so running one keeps the other's figures. What each figure
-measures, and why the comparison is fair, is described in each section and in the scripts'
-docstrings. The scripts' headline lines (`name: value`, printed last) are repeated at the end
-of each section.
+Written by `benchmarks/bench_train.py`, `benchmarks/bench_generate.py` (issues 5 and 18) and
+`benchmarks/bench_sam_batching.py` (issue 18). Each script rewrites only its own section (between its
+`BEGIN`/`END` markers), so running one keeps the others' figures; the section between the generation
+and SAM ones is written by hand. What each figure measures, and why the comparison is fair, is
+described in each section and in the scripts' docstrings. The lines each script prints last
+(`name: value`) are repeated at the end of its section.
 """
 
 

@@ -18,8 +18,9 @@ Files, sharegpt ``messages`` + ``images`` and the branch columns, as released:
   -> the image through DINOv2 -> the answer; likewise with some direct answers in ``train``.
 - ``detail_boxregion_{train,test}.json``: continuous Region Selection (PerceptionGPT's box token):
   question + Region Selection prompt -> ``<|region_token_start|><|perception_box|><|region_token_end|>``
-  -> the crop of that box, widened by ``BOX_CROP_MARGIN`` of its size per side as the recipe's
-  ``box_crop_margin`` makes generation crop it -> the answer; ``boxes`` holds the square's pixel box.
+  -> the crop of that box, widened by ``BOX_CROP_MARGIN`` of its size per side and snapped to
+  ``BOX_CROP_GRID`` pixels as the recipe's ``box_crop_margin`` and ``box_crop_grid`` make generation crop
+  it -> the answer; ``boxes`` holds the square's pixel box.
 - ``detail_grounding_{train,test}.json``: "where is the purple square?" -> ``<|perception_box|>``,
   the box as the answer (referring expression comprehension); ``boxes`` as above, and ``masks`` the
   square's mask (``images/<image>_mask.png``), which the ``detail_grounding_masks_*`` entries of

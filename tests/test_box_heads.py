@@ -74,6 +74,11 @@ def test_a_crop_snapped_to_the_grid_keeps_its_size_and_place_under_small_box_err
     # smaller than the grid is cropped whole.
     assert box_crop_pixels([0.3, 0.3, 0.77, 0.77], 100, 100, grid=32) == (32, 32, 64, 64)
     assert box_crop_pixels([0.2, 0.2, 0.5, 0.5], 20, 20, grid=32) == (0, 0, 20, 20)
+    # The whole of a 100 px image with 28 px steps: 112 is nearest but larger than the image, so 84, the
+    # largest multiple it holds (unresampled; 16 px of the box cut, within three quarters of a step).
+    assert box_crop_pixels([0.0, 0.0, 1.0, 1.0], 100, 100, grid=28) == (0, 0, 84, 84)
+    with pytest.raises(ValueError, match="box crop grid must be 0 .off. or a number of pixels, got -28"):
+        box_crop_pixels([0.2, 0.2, 0.5, 0.5], 100, 100, grid=-28)
 
 
 def test_generation_snaps_a_continuous_crop_as_the_config_says(box_model, box_processor):

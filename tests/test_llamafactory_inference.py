@@ -60,12 +60,13 @@ def check_predictions(out: Path) -> list[dict]:
 
 
 # Appended to scripts that stream through LLaMA-Factory's ChatModel: it generates in a daemon thread it never
-# joins, and a thread still returning out of torch while the interpreter shuts down aborts the process
-# ("terminate called without an active exception", seen once in CI), so the script waits for it before exiting.
+# joins (`Thread(target=model.generate)`, named "Thread-N (generate)"), and a thread still returning out of torch
+# while the interpreter shuts down aborts the process ("terminate called without an active exception", seen once
+# in CI), so the script waits for it before exiting. Its other threads (event loop, executor workers) idle forever.
 JOIN_STREAM_THREADS = """
 import threading
 for thread in threading.enumerate():
-    if thread is not threading.main_thread() and thread is not chat._thread:
+    if thread.name.endswith("(generate)"):
         thread.join(timeout=60)
 """
 

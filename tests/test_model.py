@@ -315,3 +315,23 @@ def test_para_mask_row_without_enough_turns(model, processor):
     with pytest.raises(VPTInputError, match=r"row 0: para mask needs a turn after the one holding the action token "
                                             r"\(position \d+\), but the row has 2 <\|im_start\|>"):
         model(**batch_of(processor, [short]))
+
+
+def test_sam_encodes_one_image_per_call_except_under_zero3(model, processor, monkeypatch):
+    """Same features either way; one encoder call per image bounds SAM's global-attention transient, and one
+    call per step under ZeRO-3 keeps every rank's calls (each gathers the weights) in step."""
+    import vpt_plugin.branches.sam as sam
+
+    branch = get_branch("sam")
+    images = [shape_image((k, k), colour) for k, colour in enumerate(["red", "blue", "green"])]
+    inputs = branch.preprocess(images, processor)
+    calls = []
+    handle = getattr(model, branch.encoder_attribute).register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        per_image = branch.encode(model, inputs)
+        monkeypatch.setattr(sam, "is_deepspeed_zero3_enabled", lambda: True)
+        one_call = branch.encode(model, inputs)
+    handle.remove()
+    assert calls == [1] * 4  # three for the images one by one, then one for all
+    assert per_image.shape == one_call.shape == (3, 256, 64, 64)
+    torch.testing.assert_close(per_image, one_call, atol=1e-4, rtol=1e-4)

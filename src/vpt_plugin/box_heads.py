@@ -79,11 +79,14 @@ def box_crop_pixels(box, width: int, height: int, margin: float = 0.0, grid: int
     size on each side, clamped to the image and at least one pixel wide and high.
 
     ``grid`` > 0 snaps the crop to a grid of that many pixels: each side the nearest multiple of it (at
-    least one, at most the image), starting at the multiple of it, or against the image's far edge,
-    nearest to centring the box. With the base ViT's patch x merge size, a crop that reaches the ViT at
-    its own size is not resampled, and a box a few pixels off gives the same crop; a side may lose up to
-    half a grid step of the widened box (``margin`` gives room).
+    least one, at most the image's largest multiple of it, or the whole side if shorter), starting at the
+    multiple of it, or against the image's far edge, nearest to centring the box. With the base ViT's patch
+    x merge size, a crop that reaches the ViT at its own size is not resampled, and a box a few pixels off
+    usually gives the same crop; a side may lose up to three quarters of a grid step of the widened box
+    (``margin`` gives room).
     """
+    if grid < 0:
+        raise ValueError(f"box crop grid must be 0 (off) or a number of pixels, got {grid}")
     x0, y0, x1, y1 = ordered(torch.as_tensor(box, dtype=torch.float64)).tolist()
     pad_x, pad_y = margin * (x1 - x0), margin * (y1 - y0)
     left = min(max(int(round((x0 - pad_x) * width)), 0), width - 1)
@@ -97,7 +100,7 @@ def box_crop_pixels(box, width: int, height: int, margin: float = 0.0, grid: int
 
 
 def _snapped_span(low: int, high: int, size: int, grid: int) -> tuple[int, int]:
-    span = min(max(grid, grid * math.floor((high - low) / grid + 0.5)), size)
+    span = min(max(grid, grid * math.floor((high - low) / grid + 0.5)), grid * (size // grid) or size)
     centred = (low + high) / 2 - span / 2
     start = min(max(grid * math.floor(centred / grid + 0.5), 0), size - span)
     if abs(size - span - centred) < abs(start - centred):  # the far edge is not on the grid unless size is

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import SamImageProcessor, SamVisionConfig, SamVisionModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.sam.modeling_sam import SamVisionEncoder
 
 from ..vocabulary import BranchTokens
@@ -100,9 +101,12 @@ class SamBranch(VisionBranch):
     def encode(self, model, inputs):
         encoder = getattr(model, self.encoder_attribute)
         pixels = inputs[self.pixel_key].to(encoder.dtype)
+        if is_deepspeed_zero3_enabled():
+            # ZeRO-3 gathers the encoder's weights on every call: each rank calls it once, whatever its image count.
+            return encoder(pixel_values=pixels).last_hidden_state
         # One image per call: each global-attention layer holds a (heads, 4096, 4096) score and bias tensor per
-        # image (1 GiB in fp32), so a batch multiplies the transient and ran 1.4x slower than one by one
-        # (docs/BENCHMARKS.md); 4096 tokens of width 1024 already fill a GPU's matrix units.
+        # image (1 GiB in fp32), so a batch multiplies that transient; on CPU 8 images ran 1.45x slower in one
+        # call (docs/BENCHMARKS.md, measured with a global-attention layer only).
         return torch.cat([encoder(pixel_values=image[None]).last_hidden_state for image in pixels])  # (images, 256, 64, 64)
 
     def dummy_inputs(self, model, like):
