@@ -48,9 +48,8 @@ def main(argv=None) -> None:
 
     wall_start = time.perf_counter()
     branch = get_branch("sam")
-    config = branch.default_encoder_config()
     layers = common.proportional_depths(args.depth_factor)["encoders"]
-    config.num_hidden_layers, config.global_attn_indexes = layers, [layers - 1]
+    config = type(branch.default_encoder_config()).from_dict(common.shallow_encoder_config("sam", layers))
     torch.manual_seed(0)
     encoder = SamVisionEncoder(config).to(args.device).eval()
     model = torch.nn.Module()  # what SamBranch.encode reads: the encoder under its published attribute name

@@ -275,6 +275,20 @@ def proportional_depths(factor: int) -> dict:
     return {name: max(1, round(value / factor)) for name, value in DEPTHS_2B.items()}
 
 
+def shallow_encoder_config(name: str, layers: int) -> dict:
+    """The branch's default encoder config (a dict), ``layers`` deep: backbone stage names follow the depth;
+    SAM's last layer is its global-attention one (ViT-L has 4 among 24, at every sixth)."""
+    from vpt_plugin.branches import get_branch
+
+    encoder_config = get_branch(name).default_encoder_config().to_dict()
+    for key in ("out_features", "out_indices", "stage_names", "_out_features", "_out_indices"):
+        encoder_config.pop(key, None)
+    encoder_config["num_hidden_layers"] = layers
+    if name == "sam":
+        encoder_config["global_attn_indexes"] = [layers - 1]
+    return encoder_config
+
+
 def build_2b(dtype: torch.dtype, device: torch.device, num_layers: int | None = None,
              encoder_layers: int | None = None, vision_depth: int | None = None, vocab_size: int | None = None):
     """A random VPT model of Qwen2-VL-2B-Instruct's shapes, built directly on ``device``; returns (model, processor).
@@ -302,14 +316,8 @@ def build_2b(dtype: torch.dtype, device: torch.device, num_layers: int | None = 
     for name in BRANCHES:
         branch = get_branch(name)
         if branch.has_encoder:
-            encoder_config = branch.default_encoder_config().to_dict()
-            if encoder_layers:  # the same encoder, shallower (backbone stage names follow the depth)
-                for key in ("out_features", "out_indices", "stage_names", "_out_features", "_out_indices"):
-                    encoder_config.pop(key, None)
-                encoder_config["num_hidden_layers"] = encoder_layers
-                if name == "sam":
-                    encoder_config["global_attn_indexes"] = [encoder_layers - 1]
-            encoder_configs[name] = encoder_config
+            encoder_configs[name] = (shallow_encoder_config(name, encoder_layers) if encoder_layers
+                                     else branch.default_encoder_config().to_dict())
     fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
     config = VPTQwen2VLConfig(**fields, vision_encoder_ls=list(BRANCHES), branch_encoder_configs=encoder_configs,
                               num_inner_forward_run=2, para_mask_id=1, para_mask_ratio=0.5,
